@@ -1,0 +1,240 @@
+"""KV-Latent Llama: a Llama decoder whose attention heads use reduced query/key (``k_dim``) and
+value/output (``v_dim``) dims, with a per-layer RoPE schedule at the reduced key dim.
+
+Everything else is stock transformers Llama: the decoder layer, MLP, norms, cache and attention
+registry are reused by subclassing; only the attention is new. The KV cache holds the reduced
+dims. This file and ``rope.py`` are self-contained (relative imports only), so ``save_pretrained``
+ships them with the checkpoint and stock transformers can load it with ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from .rope import inv_freq as schedule_inv_freq
+
+
+@strict
+class KVLatentConfig(LlamaConfig):
+    """A Llama config with reduced per-head dims.
+
+    ``k_dim`` / ``v_dim`` are the query-key and value-output dims per head (an int, or one per
+    layer). ``head_dim`` stays the original model's head dim. ``rope_schedule`` names a schedule in
+    ``rope.ROPE_SCHEDULES``; it applies to layers whose ``k_dim`` differs from ``head_dim``, and to
+    full-dim layers too when ``rope_at_full_dim`` is set (the official code's behaviour).
+    """
+
+    model_type = "kv_latent_llama"
+
+    k_dim: int | list[int] | None = None
+    v_dim: int | list[int] | None = None
+    rope_schedule: str = "standard"
+    rope_at_full_dim: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        n = self.num_hidden_layers
+        for key in ("k_dim", "v_dim"):
+            value = getattr(self, key)
+            value = self.head_dim if value is None else value
+            value = [value] * n if isinstance(value, int) else list(value)
+            if len(value) != n:
+                raise ValueError(f"{key} has {len(value)} entries for {n} layers")
+            setattr(self, key, value)
+
+    def layer_rope_schedule(self, layer_idx: int) -> str:
+        """The RoPE schedule in force for one layer."""
+        if self.k_dim[layer_idx] == self.head_dim and not self.rope_at_full_dim:
+            return "standard"
+        return self.rope_schedule
+
+
+class LatentRope(nn.Module):
+    """RoPE cos/sin for one layer's reduced key dim (HF ``rotate_half`` layout)."""
+
+    def __init__(self, *, dim: int, theta: float, schedule: str):
+        super().__init__()
+        self.dim, self.theta, self.schedule = dim, theta, schedule
+        self.inv_freq = nn.Buffer(schedule_inv_freq(schedule, dim=dim, theta=theta), persistent=False)
+
+    def reset_inv_freq(self) -> None:
+        """Recompute the (non-persistent) ``inv_freq`` buffer, e.g. after ``from_pretrained``."""
+        init.copy_(self.inv_freq, schedule_inv_freq(self.schedule, dim=self.dim, theta=self.theta))
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
+
+
+class KVLatentAttention(LlamaAttention):
+    """Llama attention with ``k_dim`` for queries/keys and ``v_dim`` for values/outputs.
+
+    Fused attention kernels (SDPA's CPU flash kernel, FlashAttention) need equal q/k/v head dims;
+    when ``k_dim != v_dim`` the smaller side is zero-padded to the larger *after* the cache update,
+    so the cache keeps the reduced dims while the kernel stays fused. Zero channels change neither
+    the scores (q·k) nor the kept output channels; the score scale stays ``k_dim ** -0.5``.
+    """
+
+    def __init__(self, config: KVLatentConfig, layer_idx: int):
+        nn.Module.__init__(self)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.k_dim = config.k_dim[layer_idx]
+        self.v_dim = config.v_dim[layer_idx]
+        self.head_dim = self.k_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.k_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        n_h, n_kv, hidden, bias = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.hidden_size,
+            config.attention_bias,
+        )
+        self.q_proj = nn.Linear(hidden, n_h * self.k_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, n_kv * self.k_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, n_kv * self.v_dim, bias=bias)
+        self.o_proj = nn.Linear(n_h * self.v_dim, hidden, bias=bias)
+        self.rope = LatentRope(
+            dim=self.k_dim,
+            theta=config.rope_parameters["rope_theta"],
+            schedule=config.layer_rope_schedule(layer_idx),
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # ``position_embeddings`` (the model-level RoPE at the original head_dim) is ignored:
+        # each layer rotates at its own reduced key dim.
+        input_shape = hidden_states.shape[:-1]  # (B, T)
+        q = self.q_proj(hidden_states).view(*input_shape, -1, self.k_dim).transpose(1, 2)  # (B, n_h, T, k_dim)
+        k = self.k_proj(hidden_states).view(*input_shape, -1, self.k_dim).transpose(1, 2)  # (B, n_kv, T, k_dim)
+        v = self.v_proj(hidden_states).view(*input_shape, -1, self.v_dim).transpose(1, 2)  # (B, n_kv, T, v_dim)
+
+        if position_ids is None:
+            past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+            position_ids = torch.arange(past, past + input_shape[1], device=q.device)[None]  # (1, T)
+        cos, sin = self.rope(q, position_ids)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+
+        width = max(self.k_dim, self.v_dim)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention_interface(
+            self,
+            _pad_last(q, width),
+            _pad_last(k, width),
+            _pad_last(v, width),
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )  # out: (B, T, n_h, width)
+        out = out[..., : self.v_dim].reshape(*input_shape, -1)  # (B, T, n_h * v_dim)
+        return self.o_proj(out), weights
+
+
+class KVLatentDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer whose attention is :class:`KVLatentAttention`."""
+
+    def __init__(self, config: KVLatentConfig, layer_idx: int):
+        # Built directly (not via LlamaDecoderLayer.__init__) so no full-size attention is allocated.
+        GradientCheckpointingLayer.__init__(self)
+        self.hidden_size = config.hidden_size
+        self.self_attn = KVLatentAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class KVLatentPreTrainedModel(LlamaPreTrainedModel):
+    config_class = KVLatentConfig
+    config: KVLatentConfig
+    _no_split_modules = ["KVLatentDecoderLayer"]
+    _can_record_outputs = {
+        "hidden_states": KVLatentDecoderLayer,
+        "attentions": KVLatentAttention,
+    }
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LatentRope):
+            module.reset_inv_freq()
+
+
+class KVLatentModel(KVLatentPreTrainedModel, LlamaModel):
+    """``LlamaModel`` with :class:`KVLatentDecoderLayer` layers; ``forward`` is Llama's."""
+
+    def __init__(self, config: KVLatentConfig):
+        KVLatentPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [KVLatentDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class KVLatentForCausalLM(KVLatentPreTrainedModel, LlamaForCausalLM):
+    """Causal LM head on :class:`KVLatentModel`; use like ``LlamaForCausalLM``."""
+
+    def __init__(self, config: KVLatentConfig):
+        KVLatentPreTrainedModel.__init__(self, config)
+        self.model = KVLatentModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+KVLatentConfig.register_for_auto_class()
+KVLatentForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+try:  # registered when imported as part of the installed package, not as remote code
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(KVLatentConfig.model_type, KVLatentConfig, exist_ok=True)
+    AutoModelForCausalLM.register(KVLatentConfig, KVLatentForCausalLM, exist_ok=True)
+except ValueError:
+    pass

@@ -1,0 +1,59 @@
+"""RoPE frequency schedules: a schedule name maps to ``inv_freq`` for a (reduced) key dim.
+
+A new schedule is one function ``(dim, theta) -> inv_freq`` decorated with ``@register``.
+This module imports only torch: it travels with saved checkpoints (``trust_remote_code``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+ROPE_SCHEDULES: dict[str, Callable[[int, float], torch.Tensor]] = {}
+
+
+def register(name: str):
+    """Register ``fn(dim, theta) -> inv_freq`` (float32, ``dim // 2`` entries) under ``name``."""
+
+    def wrap(fn):
+        ROPE_SCHEDULES[name] = fn
+        return fn
+
+    return wrap
+
+
+@register("standard")
+def standard(dim: int, theta: float) -> torch.Tensor:
+    """Standard RoPE at ``dim``: ``theta ** (-arange(0, dim, 2) / dim)``."""
+    arr = torch.arange(0, dim, 2, dtype=torch.float64)
+    return (theta ** (-arr / dim)).float()
+
+
+@register("freq_aware")
+def freq_aware(dim: int, theta: float) -> torch.Tensor:
+    """KV-Latent frequency-aware RoPE (paper Eq. 11): drop the highest frequencies and sample the
+    low band twice as densely: ``arr = cat(arange(d/4, 3d/4, 2), arange(3d/4, d, 1))``."""
+    if dim % 4:
+        raise ValueError(f"freq_aware RoPE needs a key dim divisible by 4, got {dim}")
+    arr = torch.cat(
+        [
+            torch.arange(dim // 4, 3 * dim // 4, 2, dtype=torch.float64),
+            torch.arange(3 * dim // 4, dim, 1, dtype=torch.float64),
+        ]
+    )
+    return (theta ** (-arr / dim)).float()
+
+
+def inv_freq(schedule: str, *, dim: int, theta: float) -> torch.Tensor:
+    """``inv_freq`` of ``schedule`` for key dim ``dim`` and base ``theta``."""
+    if schedule not in ROPE_SCHEDULES:
+        raise KeyError(f"unknown RoPE schedule {schedule!r}; known: {sorted(ROPE_SCHEDULES)}")
+    return ROPE_SCHEDULES[schedule](dim, theta)
+
+
+def autocorrelation(freqs: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    """Expected score of two identical all-ones vectors at the given distances under RoPE with
+    ``freqs``: ``a(m) = (2/d) * sum_j cos(m * inv_freq_j)``, so ``a(0) = 1`` (DESIGN.md §2.2)."""
+    angles = distances.double()[:, None] * freqs.double()[None, :]  # (M, d/2)
+    return angles.cos().mean(dim=-1)
