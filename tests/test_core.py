@@ -297,3 +297,23 @@ def test_unknown_key_named():
 def test_surgery_validates_before_building():
     with pytest.raises(ConfigError, match="kv.v_dim=3"):
         build_student(tiny_llama(n_kv=4), k_dim=8, v_dim=3)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("k_dim,v_dim", [(8, 16), (16, 4)])
+def test_batched_left_padded_decode_matches_full_forward(attn, k_dim, v_dim):
+    """The unpadded decode path (asymmetric dims) agrees with a full forward, masks included."""
+    student = build_student(tiny_llama(n_kv=2), k_dim=k_dim, v_dim=v_dim)
+    student.set_attn_implementation(attn)
+    ids = torch.randint(1, 97, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding in the second row
+    with torch.no_grad():
+        full = student(ids, attention_mask=mask).logits[:, -3:]
+        out = student(ids[:, :-3], attention_mask=mask[:, :-3], use_cache=True)
+        steps = []
+        for i in range(17, 20):
+            out = student(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], cache=out.cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1)[1:], full[1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1)[:1], full[:1], atol=1e-5, rtol=1e-5)

@@ -93,13 +93,39 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 
 
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, scaling: float
+) -> torch.Tensor:
+    """Attention for a few new queries against the cache, at unequal q/k and v dims, no copies.
+
+    q: (B, n_h, S, k_dim), k: (B, n_kv, T, k_dim), v: (B, n_kv, T, v_dim); ``mask`` is None, a
+    boolean (True = attend) or an additive mask broadcastable to (B, n_h, S, T).
+    Returns (B, S, n_h, v_dim). Query heads are grouped onto their KV head (no ``repeat_kv``).
+    """
+    b, n_h, s, _ = q.shape
+    n_kv, t = k.shape[1], k.shape[2]
+    g = n_h // n_kv
+    scores = (q.reshape(b, n_kv, g * s, -1) @ k.transpose(-1, -2)) * scaling  # (B, n_kv, g*S, T)
+    if mask is not None:
+        mask = mask.expand(b, n_h, s, t).reshape(b, n_kv, g * s, t)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+    out = probs @ v  # (B, n_kv, g*S, v_dim)
+    return out.view(b, n_h, s, -1).transpose(1, 2)  # (B, S, n_h, v_dim)
+
+
+DECODE_MAX_QUERIES = 8  # queries per step up to which asymmetric attention skips padding
+
+
 class KVLatentAttention(LlamaAttention):
     """Llama attention with ``k_dim`` for queries/keys and ``v_dim`` for values/outputs.
 
-    Fused attention kernels (SDPA's CPU flash kernel, FlashAttention) need equal q/k/v head dims;
-    when ``k_dim != v_dim`` the smaller side is zero-padded to the larger *after* the cache update,
-    so the cache keeps the reduced dims while the kernel stays fused. Zero channels change neither
-    the scores (q·k) nor the kept output channels; the score scale stays ``k_dim ** -0.5``.
+    Fused attention kernels (SDPA's CPU flash kernel, FlashAttention) need equal q/k/v head dims.
+    When ``k_dim != v_dim``: a prefill zero-pads the smaller side to the larger *after* the cache
+    update, so the cache keeps the reduced dims while the kernel stays fused (zero channels change
+    neither the scores q·k nor the kept output channels; the scale stays ``k_dim ** -0.5``); a
+    decode step, which is memory-bound, reads the unpadded cache directly (:func:`decode_attention`)
+    instead of copying it into a padded buffer every step.
     """
 
     def __init__(self, config: KVLatentConfig, layer_idx: int):
@@ -153,6 +179,11 @@ class KVLatentAttention(LlamaAttention):
 
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+
+        decoding = q.shape[2] <= DECODE_MAX_QUERIES < k.shape[2]
+        if self.k_dim != self.v_dim and decoding and not kwargs.get("output_attentions"):
+            out = decode_attention(q, k, v, attention_mask, scaling=self.scaling)  # (B, S, n_h, v_dim)
+            return self.o_proj(out.reshape(*input_shape, -1)), None
 
         width = max(self.k_dim, self.v_dim)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
