@@ -32,6 +32,9 @@ class ModelConfig:
     num_hidden_layers: int = 4
     pretrain_tokens: int | None = None  # known pre-training tokens, for budgets as a fraction
     dtype: str = "float32"
+    # LlamaConfig arguments beyond the fields above (hidden_size, vocab_size, ...), used only to
+    # build the model from scratch for pretraining (train.stages=[pretrain]).
+    arch: dict[str, Any] | None = None
 
 
 @dataclass
