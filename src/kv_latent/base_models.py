@@ -169,7 +169,7 @@ def _embedded_dir(cfg: ModelConfig, assets_dir: Path) -> Path:
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"model.name={cfg.name}: embedded weights not found at {path}; "
-            f"build them with `python src/run.py stage=pretrain model={cfg.name}`"
+            f"build them with `python src/run.py train=pretrain export=true model={cfg.name}`"
         )
     return path
 
