@@ -46,7 +46,11 @@ def run_name(config: dict[str, Any]) -> str:
 
 
 def git_commit(repo: Path | None = None) -> dict[str, Any]:
-    """The code version: commit hash and whether the work tree had uncommitted changes."""
+    """The code version: commit hash and whether the work tree had uncommitted changes.
+
+    Where the code runs from a copy without ``.git`` (a remote machine), ``$KV_LATENT_GIT_COMMIT``
+    names the commit the copy was made from.
+    """
     repo = repo or Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
@@ -57,6 +61,8 @@ def git_commit(repo: Path | None = None) -> dict[str, Any]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("KV_LATENT_GIT_COMMIT"):
+        return {"commit": os.environ["KV_LATENT_GIT_COMMIT"], "dirty": None}
     return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
 
 
