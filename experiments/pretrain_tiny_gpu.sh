@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# How the embedded tiny models were pretrained: on one GPU, a budget sweep per model (4, 8 and 16
-# epochs of the prose corpus at 64 x 1024 tokens per step), the best by val perplexity exported
-# into src/kv_latent/assets/<model>/ with its provenance.json. Then a GPU check of the attention
-# paths and of one retraining job. Usage: bash experiments/pretrain_tiny_gpu.sh OUT_DIR
+# How the embedded tiny models were pretrained: on one GPU, 8 epochs of the prose corpus (436 steps
+# of 64 x 1024 tokens) per model; with several budgets in TOKENS the best by val perplexity is
+# exported into src/kv_latent/assets/<model>/ with its provenance.json. Then a GPU check of the
+# attention paths and of one retraining job.
+# Usage: bash experiments/pretrain_tiny_gpu.sh OUT_DIR [TOKENS]   (TOKENS: comma-separated budgets)
 set -euo pipefail
-out=${1:?usage: pretrain_tiny_gpu.sh OUT_DIR}
+out=${1:?usage: pretrain_tiny_gpu.sh OUT_DIR [TOKENS]}
+tokens=${2:-28573696}
 runs=/tmp/kvl_pretrain
 nvidia-smi --query-gpu=name,memory.total --format=csv
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
 for model in tiny_mha tiny_gqa; do
   python3 src/run.py -m train=pretrain model=$model trainer=gpu logger=none output_root=$runs \
     train.seq_len=1024 train.batch_size=64 train.checkpoint_every=100000 train.log_every=50 \
-    train.tokens=14286848,28573696,57147392
+    train.tokens=$tokens
 done
 python3 - "$runs" <<'PY'
 import json, sys
@@ -27,6 +29,6 @@ for model in ("tiny_mha", "tiny_gqa"):
 PY
 tar -C src/kv_latent/assets -cf /tmp/assets.tar tiny_mha tiny_gqa
 split -b 15M -d /tmp/assets.tar "$out/assets.tar.part"
-python3 experiments/bench_attention.py --device cuda --dtype bfloat16 --contexts 2048 8192 32768 --rounds 5 --new-tokens 64
+timeout 150 python3 experiments/bench_attention.py --device cuda --dtype bfloat16 --contexts 2048 8192 32768 --rounds 5 --new-tokens 64
 python3 src/run.py model=tiny_gqa kv.k_dim=32 kv.v_dim=16 rope=freq_aware trainer=gpu logger=none output_root=$runs
 cp "$runs"/runs/tiny_gqa/k32_v16_*/record.json "$out/retrain_gpu_record.json"
