@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
-        record = run_job(container, group=group)
+        record = run_job(container, group=group, overrides=list(hydra_cfg.overrides.task))
     except ConfigError as err:
         log.error("invalid configuration: %s", err)
         sys.exit(2)

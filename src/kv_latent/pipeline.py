@@ -181,8 +181,12 @@ def _pretrain_model(job: Job) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def run_job(container: dict[str, Any], *, group: str | None = None) -> dict[str, Any]:
-    """Run one job and return its record; a job whose complete record exists is skipped."""
+def run_job(container: dict[str, Any], *, group: str | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """Run one job and return its record; a job whose complete record exists is skipped.
+
+    ``group`` names the sweep (W&B group); ``overrides`` are the command-line overrides, recorded
+    so that every record says how to rerun it.
+    """
     job = make_job(container)
     config_hash = records.config_hash(job.config)
     if records.is_complete(job.run_dir, config_hash):
@@ -254,6 +258,7 @@ def run_job(container: dict[str, Any], *, group: str | None = None) -> dict[str,
         tokens_trained=tokens,
         pretrain_fraction=tokens / e.model.pretrain_tokens if e.model.pretrain_tokens else None,
         wall_time_s=time.perf_counter() - started,
+        command=" ".join(["python src/run.py", *overrides]),
         model_dir=str(model_dir),
         device=str(device),
     )
@@ -269,9 +274,9 @@ def export_embedded(model_dir: Path, record: dict[str, Any], *, name: str) -> Pa
     tmp = target.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model_dir, tmp)
-    provenance = {k: record[k] for k in ("name", "config_hash", "code", "versions", "created", "metrics", "device")}
+    keys = ("name", "config_hash", "code", "versions", "created", "metrics", "device", "command")
+    provenance = {k: record[k] for k in keys}
     provenance.update(
-        command=f"python src/run.py train=pretrain model={name} export=true",
         tokens_seen=record["tokens_trained"],
         wall_time_s=record["wall_time_s"],
         config=record["config"],
