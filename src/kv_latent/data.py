@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from kv_latent.config import ConfigError
+
 SPLITS = ("train", "val", "test")
 VAL_FRACTION = 0.05
 TEST_FRACTION = 0.05
@@ -102,21 +104,21 @@ class DataConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first ``data.<key>`` that is invalid."""
         if self.source not in DATA_SOURCES:
-            raise ValueError(f"data.source={self.source!r} must be one of {DATA_SOURCES}")
+            raise ConfigError(f"data.source={self.source!r} must be one of {DATA_SOURCES}")
         if self.seq_len <= 0:
-            raise ValueError(f"data.seq_len={self.seq_len} must be positive")
+            raise ConfigError(f"data.seq_len={self.seq_len} must be positive")
         for key in ("max_blocks", "eval_max_blocks"):
             value = getattr(self, key)
             if value is not None and value <= 0:
-                raise ValueError(f"data.{key}={value} must be positive or null")
+                raise ConfigError(f"data.{key}={value} must be positive or null")
         if self.source == "hf":
             if not self.hf_path:
-                raise ValueError("data.hf_path must be set when data.source='hf'")
+                raise ConfigError("data.hf_path must be set when data.source='hf'")
             if not self.text_field:
-                raise ValueError("data.text_field must name the text column when data.source='hf'")
+                raise ConfigError("data.text_field must name the text column when data.source='hf'")
             for key in ("max_blocks", "eval_max_blocks"):
                 if self.streaming and getattr(self, key) is None:
-                    raise ValueError(
+                    raise ConfigError(
                         f"data.{key} must be set for a streaming source (data.streaming=true): "
                         "a streamed dataset is too large to tokenize whole"
                     )
@@ -131,7 +133,7 @@ class DataConfig:
         known = {f.name for f in fields(cls)}
         for key in values:
             if key not in known:
-                raise ValueError(f"data.{key} is not a data config key (known: {sorted(known)})")
+                raise ConfigError(f"data.{key} is not a data config key (known: {sorted(known)})")
         return cls(**values)
 
 

@@ -339,7 +339,15 @@ class RetrainModule(L.LightningModule):
 
     def merged_student(self) -> torch.nn.Module:
         """The trained student as a plain HF model: LoRA merged into the MLP weights and removed."""
-        student = self.student.merge_and_unload() if isinstance(self.student, PeftModel) else self.student
+        if not isinstance(self.student, PeftModel):
+            return self.student.requires_grad_(False).eval()
+        tied = self.student.get_base_model().config.tie_word_embeddings
+        student = self.student.merge_and_unload()
+        if tied:
+            # peft unties embeddings when merging, although LoRA never touches them (both stay
+            # frozen and equal); re-tie so the saved student is as small as the original.
+            student.config.tie_word_embeddings = True
+            student.tie_weights()
         return student.requires_grad_(False).eval()
 
     def on_fit_start(self) -> None:
