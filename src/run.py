@@ -43,6 +43,8 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         log.error("invalid configuration: %s", err)
         sys.exit(2)
+    if not record:  # a non-zero DDP rank: rank 0 reports
+        return
     m = record["metrics"]
     log.info(
         "%s: val/ppl %.3f (original %s), KV %s B/token, %.0f s -> %s",

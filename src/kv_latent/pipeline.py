@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kv_latent import base_models, records
@@ -240,6 +241,8 @@ def run_job(container: dict[str, Any], *, group: str | None = None, overrides: l
 
             wandb.finish()
     metrics.update(train_metrics)
+    if rank_zero_only.rank != 0:  # under DDP every rank returns from fit; only one writes
+        return {}
 
     model_dir = job.run_dir / ("model" if job.pretraining else "student")
     student.save_pretrained(model_dir)
