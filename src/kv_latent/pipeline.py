@@ -24,7 +24,7 @@ from kv_latent import base_models, records
 from kv_latent.config import ConfigError, ExperimentConfig, to_experiment
 from kv_latent.data import DataConfig, load_blocks, load_tokenizer, prepare_corpus
 from kv_latent.efficiency import kv_bytes_per_token
-from kv_latent.evaluation import perplexity
+from kv_latent.evaluation import EvalConfig, evaluate_job, perplexity
 from kv_latent.surgery import build_student
 from kv_latent.training import TrainConfig, TrainerConfig, check_checkpoint, fit
 
@@ -58,6 +58,7 @@ class Job:
     train: TrainConfig
     trainer: TrainerConfig
     data: DataConfig
+    eval: EvalConfig
     logger: LoggerConfig
     config: dict[str, Any]  # the resolved config as recorded
     run_dir: Path
@@ -91,6 +92,7 @@ def make_job(container: dict[str, Any]) -> Job:
     train = _typed(TrainConfig, _section(container, "train"), "train")
     trainer = _typed(TrainerConfig, _section(container, "trainer"), "trainer")
     data = DataConfig.from_dict(_section(container, "data"))
+    eval_cfg = EvalConfig.from_dict(_section(container, "eval"))
     logger = _typed(LoggerConfig, _section(container, "logger"), "logger")
     if data.seq_len != train.seq_len:
         raise ConfigError(f"data.seq_len={data.seq_len} must equal train.seq_len={train.seq_len}")
@@ -99,6 +101,7 @@ def make_job(container: dict[str, Any]) -> Job:
         train=train,
         trainer=trainer,
         data=data,
+        eval=eval_cfg,
         logger=logger,
         config=container,
         run_dir=Path(container["output_root"]) / "runs" / records.run_name(container),
@@ -107,6 +110,8 @@ def make_job(container: dict[str, Any]) -> Job:
         export=bool(container.get("export", False)),
     )
     m, kv = experiment.model, experiment.kv
+    if m.arch and "max_position_embeddings" in m.arch:
+        eval_cfg.check_context(m.arch["max_position_embeddings"])
     if job.pretraining:
         if not m.arch:
             raise ConfigError(f"train.stages=[pretrain] builds model {m.name!r} from model.arch, which is not set")
@@ -235,15 +240,38 @@ def run_job(container: dict[str, Any], *, group: str | None = None, overrides: l
             loggers=loggers,
             pretrain_tokens=e.model.pretrain_tokens,
         )
+        metrics.update(train_metrics)
+        if rank_zero_only.rank != 0:  # under DDP every rank returns from fit; only one writes
+            return {}
+        student.to(device)
+        metrics.update(
+            evaluate_job(
+                student,
+                original,
+                tokenizer,
+                job.eval,
+                cache_dir=job.cache_dir,
+                baseline_cache_dir=job.output_root / "baselines",
+            )
+        )
+        record = _write_outputs(job, student, original, tokenizer, metrics, started=started, overrides=overrides)
+        for logger in loggers:  # the dashboard shows the record's final numbers too
+            logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            logger.save()
     finally:
         if job.logger.name == "wandb":
             import wandb
 
             wandb.finish()
-    metrics.update(train_metrics)
-    if rank_zero_only.rank != 0:  # under DDP every rank returns from fit; only one writes
-        return {}
+    if job.export:
+        export_embedded(Path(record["model_dir"]), record, name=e.model.name)
+    shutil.rmtree(job.run_dir / "checkpoints", ignore_errors=True)  # the record and model are final
+    return record
 
+
+def _write_outputs(job: Job, student, original, tokenizer, metrics, *, started: float, overrides) -> dict[str, Any]:
+    """Save the trained model (HF format) and write the job's record; return the record."""
+    e = job.experiment
     model_dir = job.run_dir / ("model" if job.pretraining else "student")
     student.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -253,7 +281,7 @@ def run_job(container: dict[str, Any], *, group: str | None = None, overrides: l
         kv["original_bytes_per_token"] = kv_bytes_per_token(original.config, dtype=dtype)
         kv["ratio"] = kv["bytes_per_token"] / kv["original_bytes_per_token"]
     tokens = int(metrics["train/tokens"])
-    record = records.write_record(
+    return records.write_record(
         job.run_dir,
         config=job.config,
         metrics=metrics,
@@ -263,12 +291,8 @@ def run_job(container: dict[str, Any], *, group: str | None = None, overrides: l
         wall_time_s=time.perf_counter() - started,
         command=" ".join(["python src/run.py", *overrides]),
         model_dir=str(model_dir),
-        device=str(device),
+        device=str(next(student.parameters()).device),
     )
-    if job.export:
-        export_embedded(model_dir, record, name=e.model.name)
-    shutil.rmtree(job.run_dir / "checkpoints", ignore_errors=True)  # the record and model are final
-    return record
 
 
 def export_embedded(model_dir: Path, record: dict[str, Any], *, name: str) -> Path:
