@@ -29,6 +29,7 @@ import importlib.util
 import io
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -97,6 +98,9 @@ class DataConfig:
     text_field: str = "text"
     id_field: str = "id"
     streaming: bool = True
+    # Share of train blocks that are synthetic recall documents (see ``recall_blocks``); used to
+    # pretrain base models that can copy from their context. 0 for retraining.
+    recall_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,6 +111,8 @@ class DataConfig:
             raise ConfigError(f"data.source={self.source!r} must be one of {DATA_SOURCES}")
         if self.seq_len <= 0:
             raise ConfigError(f"data.seq_len={self.seq_len} must be positive")
+        if not 0 <= self.recall_fraction < 1:
+            raise ConfigError(f"data.recall_fraction={self.recall_fraction} must be in [0, 1)")
         for key in ("max_blocks", "eval_max_blocks"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -736,6 +742,48 @@ def _cached_blocks(path: Path, build) -> torch.Tensor:
     return blocks
 
 
+RECALL_THINGS = ("password", "pin", "lucky number", "room number", "ticket number", "phone code", "key number")
+RECALL_NAMES = (
+    "Anna", "Ben", "Clara", "David", "Ella", "Frank", "Grace", "Henry", "Iris", "Jack", "Kate", "Leo",
+    "Mary", "Noah", "Olive", "Peter", "Rose", "Sam", "Tess", "Victor", "Wendy", "Zoe",
+)  # fmt: skip
+
+
+def recall_blocks(haystack: torch.Tensor, *, tokenizer, n: int, seed: int) -> torch.Tensor:
+    """``n`` synthetic recall documents, each a block as long as ``haystack``'s.
+
+    Each is a prose block with 1–3 facts ("The pin of Grace is 4821.") inserted at random
+    positions and, at its end, the facts' first words followed by their values again, so the
+    values must be copied from the context. Training on a share of these gives a small base model
+    the in-context retrieval that needle evaluations measure. Templates, names and values differ
+    from the needle evaluation's ("The secret code of <city> is <5 digits>"), so the evaluation
+    measures the copying skill, not a memorised format. A pure function of ``(haystack, n, seed)``.
+    """
+    rng = random.Random(seed)
+    seq_len = haystack.shape[1]
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    out = torch.empty(n, seq_len, dtype=torch.long)
+    for i in range(n):
+        facts = []
+        for name in rng.sample(RECALL_NAMES, rng.randint(1, 3)):
+            digits = rng.randint(3, 7)
+            value = str(rng.randrange(10 ** (digits - 1), 10**digits))
+            facts.append((f" The {rng.choice(RECALL_THINGS)} of {name} is", f" {value}."))
+        queries = [ids(q) + ids(v) for q, v in rng.sample(facts, len(facts))]
+        inserts = [ids(q) + ids(v) for q, v in facts]
+        hay = haystack[rng.randrange(len(haystack))].tolist()
+        room = seq_len - sum(map(len, queries)) - sum(map(len, inserts))
+        hay = hay[:room]
+        for piece in inserts:  # positions in the first 90% so that some distance always remains
+            at = rng.randrange(int(len(hay) * 0.9) + 1)
+            hay[at:at] = piece
+        out[i] = torch.tensor(hay + [t for q in queries for t in q])
+    return out
+
+
 def token_blocks(
     split: str,
     *,
@@ -789,6 +837,14 @@ def load_blocks(cfg: DataConfig, split: str, *, tokenizer=None) -> torch.Tensor:
     """
     _check_split(split)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    blocks = _source_blocks(cfg, split, tokenizer)
+    if split == "train" and cfg.recall_fraction > 0:
+        n = round(len(blocks) * cfg.recall_fraction / (1 - cfg.recall_fraction))
+        blocks = torch.cat([blocks, recall_blocks(blocks, tokenizer=tokenizer, n=n, seed=len(blocks))])
+    return blocks
+
+
+def _source_blocks(cfg: DataConfig, split: str, tokenizer) -> torch.Tensor:
     cap = cfg.blocks_cap(split)
     if cfg.source == "prose":
         return token_blocks(
