@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192], help="prompt lengths")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens decoded after the prompt")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=4096)

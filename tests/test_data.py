@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kv_latent import data
+from kv_latent.config import from_mapping
 from kv_latent.data import (
     CorpusDownloadError,
     DataConfig,
@@ -225,7 +226,7 @@ def test_data_configs_compose_and_validate(name):
 
     with initialize_config_dir(config_dir=str(CONF_DATA.parent), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"data={name}"])
-    data_cfg = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
+    data_cfg = from_mapping(DataConfig, OmegaConf.to_container(cfg.data, resolve=True), "data")
     assert data_cfg.name == name
     assert data_cfg.seq_len == cfg.train.seq_len  # blocks are as long as training sequences
 
@@ -238,12 +239,12 @@ def test_data_configs_compose_and_validate(name):
         ({"max_blocks": -1}, r"data\.max_blocks=-1 must be positive"),
         ({"source": "hf"}, r"data\.hf_path must be set"),
         ({"source": "hf", "hf_path": "a/b", "eval_max_blocks": 5}, r"data\.max_blocks must be set"),
-        ({"seqlen": 8}, r"data\.seqlen is not a data config key"),
+        ({"seqlen": 8}, r"unknown key\(s\) \[.data\.seqlen.\]"),
     ],
 )
 def test_invalid_data_config_names_the_key(values, message):
     with pytest.raises(ValueError, match=message):
-        DataConfig.from_dict(values)
+        from_mapping(DataConfig, values, "data")
 
 
 # ---------------------------------------------------------------------------- step batches

@@ -111,7 +111,9 @@ class ExperimentConfig:
     gqa: GQAConfig = field(default_factory=GQAConfig)
 
 
-def _build(cls: type, values: dict[str, Any] | None, prefix: str):
+def from_mapping(cls: type, values: dict[str, Any] | None, prefix: str):
+    """Build dataclass ``cls`` from a plain mapping (a resolved config group named ``prefix``);
+    unknown keys raise :class:`ConfigError` naming them and the known ones."""
     values = dict(values or {})
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
@@ -143,9 +145,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 def to_experiment(container: dict[str, Any]) -> ExperimentConfig:
     """Build and validate an :class:`ExperimentConfig` from a resolved plain dict."""
     cfg = ExperimentConfig(
-        model=_build(ModelConfig, container.get("model"), "model"),
-        kv=_build(KVConfig, container.get("kv"), "kv"),
-        rope=_build(RopeConfig, container.get("rope"), "rope"),
-        gqa=_build(GQAConfig, container.get("gqa"), "gqa"),
+        model=from_mapping(ModelConfig, container.get("model"), "model"),
+        kv=from_mapping(KVConfig, container.get("kv"), "kv"),
+        rope=from_mapping(RopeConfig, container.get("rope"), "rope"),
+        gqa=from_mapping(GQAConfig, container.get("gqa"), "gqa"),
     )
     return validate(cfg)

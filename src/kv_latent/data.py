@@ -40,7 +40,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,14 +133,6 @@ class DataConfig:
         """The block cap of ``split``: ``max_blocks`` for train, ``eval_max_blocks`` otherwise."""
         return self.max_blocks if split == "train" else self.eval_max_blocks
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
-        """Build from a plain mapping (e.g. a resolved Hydra group), rejecting unknown keys."""
-        known = {f.name for f in fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"data.{key} is not a data config key (known: {sorted(known)})")
-        return cls(**values)
 
 
 def default_cache_dir() -> Path:

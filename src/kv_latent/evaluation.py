@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kv_latent import records
-from kv_latent.config import ConfigError
+from kv_latent.config import ConfigError, from_mapping
 from kv_latent.data import load_documents
 from kv_latent.efficiency import compare_efficiency
 from kv_latent.lm_eval_tasks import OFFLINE_TASKS, SUITE_VERSION, prepare_tasks, run_lm_eval, unknown_tasks
@@ -132,8 +132,8 @@ class EvalConfig:
         values = dict(values)
         for key, sub in (("needle", NeedleConfig), ("efficiency", EfficiencyConfig)):
             if isinstance(values.get(key), dict):
-                values[key] = sub(**_known(sub, values[key], f"eval.{key}"))
-        return cls(**_known(cls, values, "eval"))
+                values[key] = from_mapping(sub, values[key], f"eval.{key}")
+        return from_mapping(cls, values, "eval")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid ``eval.<key>``. Task names are
@@ -183,14 +183,6 @@ class EvalConfig:
                 f"eval.efficiency.prompt_len={e.prompt_len} + eval.efficiency.new_tokens={e.new_tokens} "
                 f"exceed the model's context ({max_length} tokens)"
             )
-
-
-def _known(cls: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {[f'{prefix}.{k}' for k in unknown]}; known: {sorted(known)}")
-    return values
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kv_latent import base_models, records
-from kv_latent.config import ConfigError, ExperimentConfig, to_experiment
+from kv_latent.config import ConfigError, ExperimentConfig, from_mapping, to_experiment
 from kv_latent.data import DataConfig, load_blocks, load_tokenizer, prepare_corpus
 from kv_latent.efficiency import kv_bytes_per_token
 from kv_latent.evaluation import EvalConfig, evaluate_job, perplexity
@@ -77,23 +77,14 @@ def _section(container: dict[str, Any], key: str) -> dict[str, Any]:
     return dict(container[key])
 
 
-def _typed(cls, values: dict[str, Any], prefix: str):
-    try:
-        return cls(**values)
-    except TypeError as err:  # unknown keys: name them
-        known = sorted(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - set(known))
-        raise ConfigError(f"unknown key(s) {[f'{prefix}.{k}' for k in unknown]}; known: {known}") from err
-
-
 def make_job(container: dict[str, Any]) -> Job:
     """Validate a resolved config (plain dict) into a :class:`Job`; raise :class:`ConfigError` early."""
     experiment = to_experiment(container)
-    train = _typed(TrainConfig, _section(container, "train"), "train")
-    trainer = _typed(TrainerConfig, _section(container, "trainer"), "trainer")
-    data = DataConfig.from_dict(_section(container, "data"))
+    train = from_mapping(TrainConfig, _section(container, "train"), "train")
+    trainer = from_mapping(TrainerConfig, _section(container, "trainer"), "trainer")
+    data = from_mapping(DataConfig, _section(container, "data"), "data")
     eval_cfg = EvalConfig.from_dict(_section(container, "eval"))
-    logger = _typed(LoggerConfig, _section(container, "logger"), "logger")
+    logger = from_mapping(LoggerConfig, _section(container, "logger"), "logger")
     if data.seq_len != train.seq_len:
         raise ConfigError(f"data.seq_len={data.seq_len} must equal train.seq_len={train.seq_len}")
     job = Job(
