@@ -28,7 +28,7 @@ from analysis.tables import (  # noqa: E402
     with_average,
 )
 
-NEEDLE_CELL = re.compile(r"^needle/ctx(\d+)_depth([0-9.]+)$")
+NEEDLE_CELL = re.compile(r"^needle/ctx(\d+)/depth(\d+)$")  # depth in percent of the haystack
 # The per-stage loss columns of metrics.csv and their line styles.
 STAGE_LOSSES = {"train/intra_loss": ":", "train/ntp_loss": "-", "train/kd_loss": "--", "train/pretrain_loss": "-."}
 SCHEDULE_TITLES = {"standard": "standard RoPE", "freq_aware": "frequency-aware RoPE"}
@@ -265,7 +265,7 @@ def training_curves(runs: Runs) -> Figure | None:
 
 def needle_matrix(row: pd.Series) -> pd.DataFrame:
     """The needle success rates of one row as a depth (rows) x context length (columns) matrix."""
-    cells = [(int(m[1]), float(m[2]), row[c]) for c in row.index if (m := NEEDLE_CELL.match(c)) and pd.notna(row[c])]
+    cells = [(int(m[1]), int(m[2]) / 100, row[c]) for c in row.index if (m := NEEDLE_CELL.match(c)) and pd.notna(row[c])]
     long = pd.DataFrame(cells, columns=["context", "depth", "success"])
     return long.pivot_table(index="depth", columns="context", values="success", aggfunc="first").sort_index()
 

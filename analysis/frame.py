@@ -223,7 +223,6 @@ def with_originals(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` plus the original-model rows, each model's original first."""
     if frame.empty:
         return frame
-    both = pd.concat([original_rows(frame), frame], ignore_index=True)
-    both["_original"] = both["recipe"] != ORIGINAL
-    both = both.sort_values(["model.name", "_original"], kind="stable")
+    both = pd.concat([original_rows(frame), frame], ignore_index=True).copy()  # copy: one block, not fragments
+    both = both.assign(_original=both["recipe"] != ORIGINAL).sort_values(["model.name", "_original"], kind="stable")
     return both.drop(columns="_original").reset_index(drop=True)

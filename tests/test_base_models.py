@@ -74,7 +74,7 @@ def test_architecture_mismatch_names_the_key(assets, tmp_path, key, declared, ac
 
 
 def test_missing_embedded_asset_names_the_model_and_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match=r"model\.name=tiny_test: embedded weights not found at .*stage=pretrain"):
+    with pytest.raises(ConfigError, match=r"model\.name=tiny_test: embedded weights not found at .*train=pretrain export=true model=tiny_test"):
         check_model_source(_cfg(), cache_dir=tmp_path, assets_dir=tmp_path)
 
 

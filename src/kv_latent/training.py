@@ -398,7 +398,10 @@ class RetrainModule(L.LightningModule):
         loss = self.stage_loss(stage, batch)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log(f"train/{stage}_loss", loss, batch_size=batch_size)
+        # Every stage's key at every step, NaN while another stage runs: Lightning would otherwise
+        # keep re-logging a finished stage's last value, drawing a flat line in the curves.
+        for name in self.cfg.stages:
+            self.log(f"train/{name}_loss", loss if name == stage else torch.nan, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         self.log("train/tokens", float((step + 1) * self.cfg.tokens_per_step), batch_size=batch_size)
         return loss
@@ -626,7 +629,7 @@ def fit(
             f"training stopped before step {total_steps} (interrupted); rerun to resume from {last}"
         )
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and v.isfinite()}
     if val_blocks is not None:
         val_loader = DataLoader(_Blocks(val_blocks), batch_size=cfg.batch_size)
         (val_metrics,) = trainer.validate(module, dataloaders=val_loader, verbose=False)
