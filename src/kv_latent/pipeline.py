@@ -189,7 +189,7 @@ def run_job(container: dict[str, Any], *, group: str | None = None, overrides: l
     if records.is_complete(job.run_dir, config_hash):
         log.info("skipping %s: complete record exists", job.run_dir)
         return records.read_record(job.run_dir)
-    started = time.perf_counter()
+    started, code = time.perf_counter(), records.git_commit()
     e = job.experiment
     device = _device(job.trainer)
 
@@ -245,7 +245,9 @@ def run_job(container: dict[str, Any], *, group: str | None = None, overrides: l
                 baseline_cache_dir=job.output_root / "baselines",
             )
         )
-        record = _write_outputs(job, student, original, tokenizer, metrics, started=started, overrides=overrides)
+        record = _write_outputs(
+            job, student, original, tokenizer, metrics, started=started, code=code, overrides=overrides
+        )
         for logger in loggers:  # the dashboard shows the record's final numbers too
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             logger.save()
@@ -260,7 +262,9 @@ def run_job(container: dict[str, Any], *, group: str | None = None, overrides: l
     return record
 
 
-def _write_outputs(job: Job, student, original, tokenizer, metrics, *, started: float, overrides) -> dict[str, Any]:
+def _write_outputs(
+    job: Job, student, original, tokenizer, metrics, *, started: float, code: dict[str, Any], overrides
+) -> dict[str, Any]:
     """Save the trained model (HF format) and write the job's record; return the record."""
     e = job.experiment
     model_dir = job.run_dir / ("model" if job.pretraining else "student")
@@ -276,6 +280,7 @@ def _write_outputs(job: Job, student, original, tokenizer, metrics, *, started: 
         job.run_dir,
         config=job.config,
         metrics=metrics,
+        code=code,
         kv=kv,
         tokens_trained=tokens,
         pretrain_fraction=tokens / e.model.pretrain_tokens if e.model.pretrain_tokens else None,

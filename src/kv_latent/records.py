@@ -103,15 +103,18 @@ def is_complete(run_dir: Path, expected_hash: str) -> bool:
     return bool(record and record.get("status") == "complete" and record.get("config_hash") == expected_hash)
 
 
-def write_record(run_dir: Path, *, config: dict[str, Any], metrics: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    """Assemble and atomically write the job's record; return it."""
+def write_record(
+    run_dir: Path, *, config: dict[str, Any], metrics: dict[str, Any], code: dict[str, Any], **fields: Any
+) -> dict[str, Any]:
+    """Assemble and atomically write the job's record; return it. ``code`` is :func:`git_commit`
+    as read when the job started (the tree may change while a sweep runs)."""
     record = {
         "record_version": RECORD_VERSION,
         "status": "complete",
         "name": run_name(config),
         "config": config,
         "config_hash": config_hash(config),
-        "code": git_commit(),
+        "code": code,
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "metrics": metrics,
