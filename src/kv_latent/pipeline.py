@@ -8,6 +8,7 @@ pretrains it from scratch (how the embedded tiny models are made).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -24,7 +25,7 @@ from kv_latent import base_models, records
 from kv_latent.config import ConfigError, ExperimentConfig, from_mapping, to_experiment
 from kv_latent.data import DataConfig, load_blocks, load_tokenizer, prepare_corpus
 from kv_latent.efficiency import kv_bytes_per_token
-from kv_latent.evaluation import EvalConfig, evaluate_job, perplexity
+from kv_latent.evaluation import EvalConfig, evaluate_job, model_fingerprint, perplexity
 from kv_latent.surgery import build_student
 from kv_latent.training import TrainConfig, TrainerConfig, check_checkpoint, fit
 
@@ -155,8 +156,10 @@ def _loggers(job: Job, group: str | None):
 
 
 def original_perplexity(job: Job, original, val_blocks: torch.Tensor) -> dict[str, float]:
-    """Val perplexity of the original model, computed once per (model, data) and reused by every job."""
-    key = records.config_hash({"model": job.config["model"], "data": job.config["data"], "eval": {"blocks": len(val_blocks)}})
+    """Val perplexity of the original model, computed once per (weights, val blocks) and reused by
+    every job of a sweep."""
+    blocks = hashlib.sha256(val_blocks.numpy().tobytes()).hexdigest()[:16]
+    key = records.config_hash({"model": {"fingerprint": model_fingerprint(original)}, "data": {"val_blocks": blocks}})
     path = job.output_root / "baselines" / f"{job.experiment.model.name}-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
