@@ -11,6 +11,7 @@ tokens=${2:-57147392}
 runs=/tmp/kvl_pretrain
 nvidia-smi --query-gpu=name,memory.total --format=csv
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
+# eval.tasks=[]: lm-eval and its offline data need the registry; the needle grid still runs.
 for model in tiny_mha tiny_gqa; do
   python3 src/run.py -m train=pretrain model=$model trainer=gpu logger=none output_root=$runs \
     data.eval_max_blocks=null eval.tasks=[] eval.efficiency.enabled=false train.tokens=$tokens
