@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kv_latent
 from kv_latent.config import ConfigError, ExperimentConfig, KVConfig, ModelConfig, RopeConfig, to_experiment, validate
@@ -109,11 +110,20 @@ def test_strided_weights_are_the_slices(k_dim, v_dim):
 
 
 def test_strided_keys_keep_rope_pairs_at_standard_frequencies():
-    """Strided keys of the original at standard RoPE equal the student's keys: same scores."""
+    """The student's rotated keys are exactly the strided channels of the original's rotated keys."""
     original = tiny_llama(n_kv=4)
     student = build_student(original, k_dim=8, v_dim=16)
     kept = inv_freq("standard", dim=16, theta=THETA)[::2]
     torch.testing.assert_close(student.model.layers[0].self_attn.rope.inv_freq, kept)
+
+    t_attn, s_attn = original.model.layers[0].self_attn, student.model.layers[0].self_attn
+    hidden, pos = torch.randn(2, 10, 64), torch.arange(10)[None]
+    with torch.no_grad():
+        k_t = t_attn.k_proj(hidden).view(2, 10, 4, 16).transpose(1, 2)  # (B, n_kv, T, 16)
+        k_t, _ = apply_rotary_pos_emb(k_t, k_t, *original.model.rotary_emb(hidden, pos))
+        k_s = s_attn.k_proj(hidden).view(2, 10, 4, 8).transpose(1, 2)  # (B, n_kv, T, 8)
+        k_s, _ = apply_rotary_pos_emb(k_s, k_s, *s_attn.rope(hidden, pos))
+    torch.testing.assert_close(k_s, k_t[..., ::2])
 
 
 def test_rope_switch_at_full_dim():
