@@ -1,4 +1,4 @@
-"""kv-latent entry point: one Hydra job = surgery -> retrain -> quick evaluation -> run record.
+"""kv-latent entry point: one Hydra job = surgery -> retrain -> evaluation -> run record.
 
     python src/run.py                                                  # one job with the defaults
     python src/run.py -m kv.k_dim=32,64 kv.v_dim=32,64 rope=freq_aware # a 2x2 sweep

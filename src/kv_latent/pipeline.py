@@ -1,4 +1,4 @@
-"""One job, end to end: validate -> load original -> surgery -> retrain -> quick eval -> record.
+"""One job, end to end: validate -> load original -> surgery -> retrain -> evaluate -> record.
 
 :func:`run_job` takes the resolved config as a plain dict (the Hydra entry point's only output)
 and turns it into typed configs at once, so every error surfaces before any model is loaded.
@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kv_latent import base_models, records
 from kv_latent.config import ConfigError, ExperimentConfig, from_mapping, to_experiment
-from kv_latent.data import DataConfig, load_blocks, load_tokenizer, prepare_corpus
+from kv_latent.data import DataConfig, load_blocks, load_tokenizer
 from kv_latent.efficiency import kv_bytes_per_token
 from kv_latent.evaluation import EvalConfig, evaluate_job, model_fingerprint, perplexity
 from kv_latent.surgery import build_student
@@ -209,8 +209,6 @@ def run_job(container: dict[str, Any], *, group: str | None = None, overrides: l
             rope=e.rope.schedule,
             rope_at_full_dim=e.rope.at_full_dim,
         )
-    if job.data.source == "prose":
-        prepare_corpus(job.cache_dir)
     train_blocks = load_blocks(job.data, "train", tokenizer=tokenizer)
     val_blocks = load_blocks(job.data, "val", tokenizer=tokenizer)
 
