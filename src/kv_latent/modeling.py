@@ -262,10 +262,8 @@ class KVLatentForCausalLM(KVLatentPreTrainedModel, LlamaForCausalLM):
 KVLatentConfig.register_for_auto_class()
 KVLatentForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-try:  # registered when imported as part of the installed package, not as remote code
+if __package__ == "kv_latent":  # the installed package; a checkpoint's remote copy leaves the registry alone
     from transformers import AutoConfig, AutoModelForCausalLM
 
     AutoConfig.register(KVLatentConfig.model_type, KVLatentConfig, exist_ok=True)
     AutoModelForCausalLM.register(KVLatentConfig, KVLatentForCausalLM, exist_ok=True)
-except ValueError:
-    pass
