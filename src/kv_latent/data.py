@@ -113,6 +113,11 @@ class DataConfig:
             raise ConfigError(f"data.seq_len={self.seq_len} must be positive")
         if not 0 <= self.recall_fraction < 1:
             raise ConfigError(f"data.recall_fraction={self.recall_fraction} must be in [0, 1)")
+        if self.recall_fraction > 0 and self.seq_len < RECALL_MIN_SEQ_LEN:
+            raise ConfigError(
+                f"data.recall_fraction={self.recall_fraction} needs data.seq_len >= {RECALL_MIN_SEQ_LEN} "
+                f"(got {self.seq_len}): a recall document needs room for a fact, its query and a repeat besides its prose"
+            )
         for key in ("max_blocks", "eval_max_blocks"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -734,45 +739,75 @@ def _cached_blocks(path: Path, build) -> torch.Tensor:
     return blocks
 
 
-RECALL_THINGS = ("password", "pin", "lucky number", "room number", "ticket number", "phone code", "key number")
-RECALL_NAMES = (
-    "Anna", "Ben", "Clara", "David", "Ella", "Frank", "Grace", "Henry", "Iris", "Jack", "Kate", "Leo",
-    "Mary", "Noah", "Olive", "Peter", "Rose", "Sam", "Tess", "Victor", "Wendy", "Zoe",
+RECALL_MIN_SEQ_LEN = 128
+RECALL_THINGS = (
+    "password", "pin", "lucky number", "room number", "ticket number", "phone code", "key number",
+    "house number", "account number", "locker code", "door code", "order number", "seat number",
+)  # fmt: skip
+# Syllables of the made-up names that own the facts: names of 2-3 syllables split into several BPE
+# pieces, so a query is matched on a multi-token phrase, as the needle's city names are.
+RECALL_SYLLABLES = (
+    "ka", "lo", "mir", "ten", "sa", "vor", "el", "dun", "ri", "bas", "no", "quin", "ta", "gel", "phi",
+    "mar", "os", "ur", "zel", "an", "wic", "ho", "bre", "tin", "ju", "cor", "ve", "las", "di", "fen",
 )  # fmt: skip
 
 
-def recall_blocks(haystack: torch.Tensor, *, tokenizer, n: int, seed: int) -> torch.Tensor:
-    """``n`` synthetic recall documents, each a block as long as ``haystack``'s.
+def _recall_name(rng: random.Random) -> str:
+    return "".join(rng.choice(RECALL_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
 
-    Each is a prose block with 1–3 facts ("The pin of Grace is 4821.") inserted at random
-    positions and, at its end, the facts' first words followed by their values again, so the
-    values must be copied from the context. Training on a share of these gives a small base model
-    the in-context retrieval that needle evaluations measure. Templates, names and values differ
-    from the needle evaluation's ("The secret code of <city> is <5 digits>"), so the evaluation
-    measures the copying skill, not a memorised format. A pure function of ``(haystack, n, seed)``.
+
+def recall_blocks(haystack: torch.Tensor, *, tokenizer, n: int, seed: int) -> torch.Tensor:
+    """``n`` synthetic retrieval documents, each a block as long as ``haystack``'s.
+
+    Their targets can only be predicted by copying from the context, so that a small base model
+    learns in-context retrieval (induction heads) from a share of them. Half are *fact* documents,
+    a prose block of ``haystack`` with
+
+    * 1-6 facts ("The door code of Kalomir is 48213.") inserted at random positions in the first
+      90 % of the block, and at its end the facts again in another order: their values must be
+      copied from wherever the fact stood;
+    * 1-6 repeats: a span of 8-64 tokens of the block (its prose, or in half of them random
+      tokens, which nothing but the copy predicts) repeated at a later position;
+
+    the other half are *repeat* documents, a random token sequence of 16 to ``seq_len / 4`` tokens
+    repeated to fill the block: the densest copy signal. Counts and lengths scale with the block
+    (at most ``seq_len / 200 + 1`` facts and repeats, spans up to ``seq_len / 16`` tokens), the
+    values above being those of 1024-token blocks.
+    Owners are made-up names and values 3-7 digit numbers; the template differs from the needle
+    evaluation's ("The secret code of <city> is <5 digits>"), so the evaluation measures the
+    copying skill, not a memorised format. A pure function of ``(haystack, n, seed)``.
     """
     rng = random.Random(seed)
-    seq_len = haystack.shape[1]
+    seq_len, vocab_size = haystack.shape[1], len(tokenizer)
+    most, longest = seq_len // 200 + 1, min(64, seq_len // 16)  # facts and repeats per document
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     out = torch.empty(n, seq_len, dtype=torch.long)
     for i in range(n):
+        if rng.random() < 0.5:
+            period = [rng.randrange(vocab_size) for _ in range(rng.randint(16, seq_len // 4))]
+            out[i] = torch.tensor((period * (seq_len // len(period) + 1))[:seq_len])
+            continue
         facts = []
-        for name in rng.sample(RECALL_NAMES, rng.randint(1, 3)):
-            digits = rng.randint(3, 7)
-            value = str(rng.randrange(10 ** (digits - 1), 10**digits))
-            facts.append((f" The {rng.choice(RECALL_THINGS)} of {name} is", f" {value}."))
-        queries = [ids(q) + ids(v) for q, v in rng.sample(facts, len(facts))]
-        inserts = [ids(q) + ids(v) for q, v in facts]
+        for _ in range(rng.randint(1, most)):
+            value = str(rng.randrange(10 ** (digits := rng.randint(3, 7)) // 10, 10**digits))
+            facts.append(ids(f" The {rng.choice(RECALL_THINGS)} of {_recall_name(rng)} is {value}."))
+        queries = [t for fact in rng.sample(facts, len(facts)) for t in fact]
         hay = haystack[rng.randrange(len(haystack))].tolist()
-        room = seq_len - sum(map(len, queries)) - sum(map(len, inserts))
-        hay = hay[:room]
-        for piece in inserts:  # positions in the first 90% so that some distance always remains
+        spans = [rng.randint(8, longest) for _ in range(rng.randint(1, most))]
+        hay = hay[: seq_len - len(queries) - sum(map(len, facts)) - sum(spans)]
+        for length in spans:  # each repeat lands after its source
+            src = rng.randrange(len(hay) - length)
+            if rng.random() < 0.5:
+                hay[src : src + length] = [rng.randrange(vocab_size) for _ in range(length)]
+            at = rng.randrange(src + length, len(hay) + 1)
+            hay[at:at] = hay[src : src + length]
+        for fact in facts:  # positions in the first 90% so that some distance always remains
             at = rng.randrange(int(len(hay) * 0.9) + 1)
-            hay[at:at] = piece
-        out[i] = torch.tensor(hay + [t for q in queries for t in q])
+            hay[at:at] = fact
+        out[i] = torch.tensor(hay + queries)
     return out
 
 

@@ -1,6 +1,8 @@
 """Evaluation of a (student or original) causal LM (DESIGN.md §2.4).
 
 - :func:`perplexity`: token-weighted NLL on held-out token blocks (the quick check of training).
+- :func:`base_model_quality`: the quality bar of a shipped base model (val perplexity against a
+  unigram baseline, in-context retrieval), recorded in its ``provenance.json``.
 - :func:`evaluate_job`: a job's full evaluation under the ``eval=`` group (:class:`EvalConfig`,
   ``conf/eval/{quick,full,paper}.yaml``): lm-eval tasks (:mod:`kv_latent.lm_eval_tasks`), the
   needle grid (:mod:`kv_latent.needle`) and efficiency (:mod:`kv_latent.efficiency`), for the
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from kv_latent import records
 from kv_latent.config import ConfigError, from_mapping
-from kv_latent.data import load_documents
+from kv_latent.data import load_documents, token_blocks
 from kv_latent.efficiency import compare_efficiency
 from kv_latent.lm_eval_tasks import OFFLINE_TASKS, SUITE_VERSION, prepare_tasks, run_lm_eval, unknown_tasks
 from kv_latent.needle import haystack_tokens, needle_grid
@@ -183,6 +185,52 @@ class EvalConfig:
                 f"eval.efficiency.prompt_len={e.prompt_len} + eval.efficiency.new_tokens={e.new_tokens} "
                 f"exceed the model's context ({max_length} tokens)"
             )
+
+
+QUALITY_SEQ_LEN = 1024
+QUALITY_SLICE_BLOCKS = 8  # the val slice that tests/test_embedded_models.py re-measures
+# The needle grid of eval=full (conf/eval/full.yaml): 3 lengths x 5 depths x 8 trials.
+QUALITY_NEEDLE = NeedleConfig(context_lengths=[256, 512, 1024], depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=8,
+                              new_tokens=16)
+
+
+def unigram_loss(train: torch.Tensor, val: torch.Tensor, vocab_size: int) -> float:
+    """Mean NLL (nats/token) on ``val[:, 1:]`` of the add-one-smoothed unigram model of ``train``."""
+    counts = torch.bincount(train.flatten(), minlength=vocab_size).double() + 1
+    return -(counts / counts.sum()).log()[val[:, 1:].flatten()].mean().item()
+
+
+def base_model_quality(model, tokenizer, *, cache_dir: str | os.PathLike | None, seed: int = 1234) -> dict[str, Any]:
+    """The quality bar of a base model on the prose corpus, in fp32 on the model's device.
+
+    ``quality``: val perplexity on every val block of 1024 tokens against the unigram baseline,
+    and the needle grid of ``eval=full`` on test documents (chance: 1 in 90,000 codes);
+    ``val_slice``: the perplexity of the first 8 val blocks, which a test re-measures.
+    """
+    model = model.float().eval()
+    train = token_blocks("train", tokenizer=tokenizer, seq_len=QUALITY_SEQ_LEN, cache_dir=cache_dir)
+    val = token_blocks("val", tokenizer=tokenizer, seq_len=QUALITY_SEQ_LEN, cache_dir=cache_dir)
+    with torch.inference_mode():
+        full = perplexity(model, val, batch_size=8)
+        sliced = perplexity(model, val, batch_size=8, max_blocks=QUALITY_SLICE_BLOCKS)
+    unigram = unigram_loss(train, val, len(tokenizer))
+    texts = [d.text for d in load_documents("test", cache_dir)]
+    n = QUALITY_NEEDLE
+    needle = needle_grid(model, tokenizer, texts, context_lengths=n.context_lengths, depths=n.depths,
+                         trials=n.trials, new_tokens=n.new_tokens, batch_size=8, seed=seed)
+    return {
+        "quality": {
+            "val_loss_fp32": full["loss"],
+            "val_ppl_fp32": full["ppl"],
+            "val_tokens": full["tokens"],
+            "unigram_val_loss": unigram,
+            "unigram_val_ppl": math.exp(unigram),
+            "needle": needle,
+            "needle_grid": dataclasses.asdict(n),
+        },
+        "val_slice": {"split": "val", "blocks": QUALITY_SLICE_BLOCKS, "seq_len": QUALITY_SEQ_LEN,
+                      "dtype": "float32", "loss": sliced["loss"], "ppl": sliced["ppl"]},
+    }
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

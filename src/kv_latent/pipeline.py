@@ -2,12 +2,14 @@
 
 :func:`run_job` takes the resolved config as a plain dict (the Hydra entry point's only output)
 and turns it into typed configs at once, so every error surfaces before any model is loaded.
-A ``train.stages=[pretrain]`` job instead builds the original model from ``model.arch`` and
-pretrains it from scratch (how the embedded tiny models are made).
+A ``train.stages=[pretrain]`` job instead pre-trains the original model itself: from scratch
+(``train.init=scratch``, built from ``model.arch``) or from its current weights
+(``train.init=original``); with ``export=true`` the result ships as an embedded base model.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -25,7 +27,7 @@ from kv_latent import base_models, records
 from kv_latent.config import ConfigError, ExperimentConfig, from_mapping, to_experiment
 from kv_latent.data import DataConfig, load_blocks, load_tokenizer
 from kv_latent.efficiency import kv_bytes_per_token
-from kv_latent.evaluation import EvalConfig, evaluate_job, model_fingerprint, perplexity
+from kv_latent.evaluation import EvalConfig, base_model_quality, evaluate_job, model_fingerprint, perplexity
 from kv_latent.surgery import build_student
 from kv_latent.training import TrainConfig, TrainerConfig, check_checkpoint, fit
 
@@ -104,17 +106,17 @@ def make_job(container: dict[str, Any]) -> Job:
     m, kv = experiment.model, experiment.kv
     if m.arch and "max_position_embeddings" in m.arch:
         eval_cfg.check_context(m.arch["max_position_embeddings"])
-    if job.pretraining:
+    if job.pretraining and (kv.k_dim, kv.v_dim) != (m.head_dim, m.head_dim):
+        raise ConfigError(
+            f"train.stages=[pretrain] trains the original model: kv.k_dim and kv.v_dim must equal "
+            f"model.head_dim={m.head_dim} (got {kv.k_dim}, {kv.v_dim})"
+        )
+    if job.export and not job.pretraining:
+        raise ConfigError("export=true only applies to train.stages=[pretrain] (it ships a base model)")
+    if train.init == "scratch":
         if not m.arch:
-            raise ConfigError(f"train.stages=[pretrain] builds model {m.name!r} from model.arch, which is not set")
-        if (kv.k_dim, kv.v_dim) != (m.head_dim, m.head_dim):
-            raise ConfigError(
-                f"train.stages=[pretrain] trains the original model: kv.k_dim and kv.v_dim must equal "
-                f"model.head_dim={m.head_dim} (got {kv.k_dim}, {kv.v_dim})"
-            )
+            raise ConfigError(f"train.init=scratch builds model {m.name!r} from model.arch, which is not set")
     else:
-        if job.export:
-            raise ConfigError("export=true only applies to train.stages=[pretrain] (it ships a base model)")
         base_models.check_model_source(m, cache_dir=job.cache_dir)
     train.total_steps(m.pretrain_tokens)  # a budget given as a fraction needs model.pretrain_tokens
     last = job.run_dir / "checkpoints" / "last.ckpt"
@@ -196,11 +198,14 @@ def run_job(container: dict[str, Any], *, group: str | None = None, overrides: l
     e = job.experiment
     device = _device(job.trainer)
 
-    if job.pretraining:
+    if job.train.init == "scratch":
         original, tokenizer = None, load_tokenizer()
         student = _pretrain_model(job)
     else:
         original, tokenizer = base_models.load_base_model(e.model, cache_dir=job.cache_dir, device=device)
+    if job.pretraining and original is not None:  # continued pre-training of the original's weights
+        student = copy.deepcopy(original).train()
+    elif original is not None:
         student = build_student(
             original,
             k_dim=e.kv.k_dim,
@@ -216,8 +221,9 @@ def run_job(container: dict[str, Any], *, group: str | None = None, overrides: l
     if original is not None:
         base = original_perplexity(job, original, val_blocks)
         metrics.update({"original/val/loss": base["loss"], "original/val/ppl": base["ppl"]})
-        before = perplexity(student, val_blocks, batch_size=job.train.batch_size)
-        metrics.update({"surgery/val/loss": before["loss"], "surgery/val/ppl": before["ppl"]})
+        if not job.pretraining:
+            before = perplexity(student, val_blocks, batch_size=job.train.batch_size)
+            metrics.update({"surgery/val/loss": before["loss"], "surgery/val/ppl": before["ppl"]})
 
     loggers = _loggers(job, group)
     try:
@@ -258,7 +264,7 @@ def run_job(container: dict[str, Any], *, group: str | None = None, overrides: l
 
             wandb.finish()
     if job.export:
-        export_embedded(Path(record["model_dir"]), record, name=e.model.name)
+        export_embedded(Path(record["model_dir"]), record, name=e.model.name, cache_dir=job.cache_dir)
     shutil.rmtree(job.run_dir / "checkpoints", ignore_errors=True)  # the record and model are final
     return record
 
@@ -292,12 +298,17 @@ def _write_outputs(
     )
 
 
-def export_embedded(model_dir: Path, record: dict[str, Any], *, name: str) -> Path:
-    """Ship a pretrained model as the embedded asset ``name`` with a record of how it was made."""
+def export_embedded(model_dir: Path, record: dict[str, Any], *, name: str, cache_dir: Path) -> Path:
+    """Ship a pretrained model as the embedded asset ``name`` with a record of how it was made.
+
+    ``provenance.json`` holds the job's record (config, command, tokens, wall time, metrics), the
+    quality bar measured on this machine (:func:`~kv_latent.evaluation.base_model_quality`) and,
+    for continued pre-training (``train.init=original``), the provenance of the weights it started
+    from under ``init``, so the whole chain from scratch stays on record.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     target = base_models.ASSETS_DIR / name
-    tmp = target.with_name(f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_dir, tmp)
     keys = ("name", "config_hash", "code", "versions", "created", "metrics", "device", "command")
     provenance = {k: record[k] for k in keys}
     provenance.update(
@@ -305,6 +316,15 @@ def export_embedded(model_dir: Path, record: dict[str, Any], *, name: str) -> Pa
         wall_time_s=record["wall_time_s"],
         config=record["config"],
     )
+    previous = target / "provenance.json"
+    if record["config"]["train"]["init"] == "original" and previous.exists():
+        provenance["init"] = json.loads(previous.read_text())
+        provenance["tokens_seen"] += provenance["init"]["tokens_seen"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    provenance |= base_model_quality(model, AutoTokenizer.from_pretrained(model_dir), cache_dir=cache_dir)
+    tmp = target.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
     records.atomic_write_json(tmp / "provenance.json", provenance)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)

@@ -37,6 +37,7 @@ from kv_latent.evaluation import token_nll
 
 STAGES = ("pretrain", "intra", "ntp", "kd")
 TEACHER_STAGES = frozenset({"intra", "kd"})
+INITS = ("original", "scratch")
 RECIPES = [["pretrain"], ["intra"], ["ntp"], ["kd"], ["intra", "ntp"], ["intra", "kd"]]
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -61,6 +62,9 @@ class TrainConfig:
 
     # Defaults are conf/train/default.yaml (a test keeps the two equal).
     stages: list[str] = field(default_factory=lambda: ["intra", "ntp"])
+    # Where the trained weights start: "original" (the loaded base model; for retraining, through
+    # surgery) or "scratch" (random init from model.arch; pre-training only).
+    init: str = "original"
     intra_share: float = 0.25  # share of the steps given to Stage I when it precedes another stage
     tokens: int | None = 393_216
     pretrain_fraction: float | None = None
@@ -94,6 +98,13 @@ class TrainConfig:
             raise ConfigError(
                 f"train.stages={self.stages} is not a supported recipe; use one of {RECIPES} "
                 "(pretrain runs alone; Stage I 'intra' may only precede 'ntp' or 'kd')"
+            )
+        if self.init not in INITS:
+            raise ConfigError(f"train.init={self.init!r} is unknown; choose one of {list(INITS)}")
+        if self.init == "scratch" and self.stages != ["pretrain"]:
+            raise ConfigError(
+                f"train.init=scratch only applies to train.stages=[pretrain] (got {self.stages}); "
+                "retraining starts from the original model: use train.init=original"
             )
         if len(self.stages) > 1 and not 0 < self.intra_share < 1:
             raise ConfigError(f"train.intra_share={self.intra_share} must be in (0, 1) for stages {self.stages}")
