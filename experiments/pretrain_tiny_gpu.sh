@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Phase 1 of the embedded tiny models: pre-training from scratch on one GPU, conf/train/pretrain.yaml
-# (16 epochs of the prose corpus, 872 steps of 64 x 1024 tokens) per model; with several budgets in
-# TOKENS the best by val perplexity is exported into src/kv_latent/assets/<model>/ with its
-# provenance.json. Then a GPU check of the attention paths and of one retraining job.
-# Phase 2 (in-context retrieval, CPU) continues from the exported weights:
-#   python src/run.py -m +experiment=tiny_retrieval export=true
+# How the embedded tiny models were pretrained: on one GPU, conf/train/pretrain.yaml (16 epochs of
+# the prose corpus, 872 steps of 64 x 1024 tokens) per model; with several budgets in TOKENS the
+# best by val perplexity is exported into src/kv_latent/assets/<model>/ with its provenance.json
+# (the export measures the quality bar: fp32 val ppl, unigram baseline, needle grid, val slice).
+# Then a GPU check of the attention paths and of one retraining job.
 # Usage: bash experiments/pretrain_tiny_gpu.sh OUT_DIR [TOKENS]   (TOKENS: comma-separated budgets)
 set -euo pipefail
 out=${1:?usage: pretrain_tiny_gpu.sh OUT_DIR [TOKENS]}
