@@ -293,3 +293,44 @@ def test_saved_student_evaluates_with_the_stock_cli(cache, models, tokenizer, tm
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "word_perplexity" in out.stdout
+
+
+# ---------------------------------------------------------------------------- copy probe
+
+
+class InductionOracle(torch.nn.Module):
+    """Predicts, at each position, the token that followed the latest earlier occurrence of the
+    current token (a perfect induction head); uniform where the token has not occurred before.
+    With ``copies=False`` it is uniform everywhere (a model that never copies)."""
+
+    def __init__(self, vocab: int, copies: bool = True):
+        super().__init__()
+        self.head = torch.nn.Linear(4, vocab)
+        self.copies = copies
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, use_cache=False):
+        b, t = input_ids.shape
+        logits = torch.zeros(b, t, self.head.out_features)
+        for i in range(b):
+            last: dict[int, int] = {}
+            for pos in range(t):
+                token = int(input_ids[i, pos])
+                if self.copies and token in last:
+                    logits[i, pos, input_ids[i, last[token] + 1]] = 30.0
+                last[token] = pos
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_copy_probe_separates_a_copier_from_a_model_that_does_not_copy():
+    vocab = 100_000  # random tokens almost never recur by chance
+    blocks = torch.randint(vocab, (2, 600), generator=torch.Generator().manual_seed(0))
+    copier = evaluation.copy_probe(InductionOracle(vocab), blocks, span=32, gap=100)
+    assert copier["prose_repeat"] < 0.01 and copier["random_repeat"] < 0.01
+    assert copier["prose_first"] == pytest.approx(math.log(vocab), rel=0.01)  # nothing to copy yet
+    blind = evaluation.copy_probe(InductionOracle(vocab, copies=False), blocks, span=32, gap=100)
+    assert blind == pytest.approx({k: math.log(vocab) for k in blind}, rel=1e-4)
+    with pytest.raises(ValueError, match="too short"):
+        evaluation.copy_probe(InductionOracle(vocab), blocks, span=64, gap=500)

@@ -190,6 +190,7 @@ def test_continued_pretraining_exports_with_its_whole_provenance(tmp_path, cache
     quality = after["quality"]
     assert quality["val_ppl_fp32"] > 1 and quality["unigram_val_ppl"] > 1  # on the synthetic corpus
     assert 0 <= quality["needle"]["needle/mean"] <= 1 and quality["needle_grid"]["trials"] == 1
+    assert set(quality["copy"]) == {"prose_first", "prose_repeat", "random_repeat"}
     assert after["val_slice"]["blocks"] == 8 and after["val_slice"]["seq_len"] == 1024
     assert (assets / "tiny_gqa" / "model.safetensors").read_bytes() == (
         Path(record["model_dir"]) / "model.safetensors"

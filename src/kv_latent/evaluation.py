@@ -187,6 +187,40 @@ class EvalConfig:
             )
 
 
+@torch.inference_mode()
+def copy_probe(model, blocks: torch.Tensor, *, span: int = 64, gap: int = 300, seed: int = 0) -> dict[str, float]:
+    """Does ``model`` copy from its context (induction)? Mean NLL (nats/token) of a span's tokens at
+    its first occurrence and when it occurs again ``gap`` tokens after its end.
+
+    ``prose_first`` / ``prose_repeat``: a ``span``-token prose span of each block (from position
+    100) written again later in the block; ``random_repeat``: the second half of a repeated
+    random-token sequence (the first half is unpredictable, at about ``log(vocab)``). A model
+    that copies scores far lower on the repeats; one that does not scores the same or higher.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    start, again = 100, 100 + span + gap
+    if again + span > blocks.shape[1]:
+        raise ValueError(f"blocks of {blocks.shape[1]} tokens are too short for span={span}, gap={gap}")
+    prose = blocks.clone()
+    prose[:, again : again + span] = prose[:, start : start + span]
+    rand = torch.randint(len(model.get_output_embeddings().weight), (len(blocks), span),
+                         generator=torch.Generator().manual_seed(seed))
+    rand = torch.cat([rand, rand], dim=1)
+
+    def nll(x: torch.Tensor) -> torch.Tensor:  # (B, T - 1): the NLL of token t + 1
+        logits = model(input_ids=x.to(device), use_cache=False).logits[:, :-1].float()
+        return F.cross_entropy(logits.transpose(1, 2), x[:, 1:].to(device), reduction="none")
+
+    p, r = nll(prose), nll(rand)
+    # Target t + 1 sits at column t: the span's tokens after its first, at each occurrence.
+    return {
+        "prose_first": p[:, start : start + span - 1].mean().item(),
+        "prose_repeat": p[:, again : again + span - 1].mean().item(),
+        "random_repeat": r[:, span:].mean().item(),
+    }
+
+
 QUALITY_SEQ_LEN = 1024
 QUALITY_SLICE_BLOCKS = 8  # the val slice that tests/test_embedded_models.py re-measures
 # The needle grid of eval=full (conf/eval/full.yaml): 3 lengths x 5 depths x 8 trials.
@@ -204,7 +238,8 @@ def base_model_quality(model, tokenizer, *, cache_dir: str | os.PathLike | None,
     """The quality bar of a base model on the prose corpus, in fp32 on the model's device.
 
     ``quality``: val perplexity on every val block of 1024 tokens against the unigram baseline,
-    and the needle grid of ``eval=full`` on test documents (chance: 1 in 90,000 codes);
+    the needle grid of ``eval=full`` on test documents (chance: 1 in 90,000 codes) and the
+    :func:`copy_probe` on the val slice;
     ``val_slice``: the perplexity of the first 8 val blocks, which a test re-measures.
     """
     model = model.float().eval()
@@ -213,6 +248,7 @@ def base_model_quality(model, tokenizer, *, cache_dir: str | os.PathLike | None,
     with torch.inference_mode():
         full = perplexity(model, val, batch_size=8)
         sliced = perplexity(model, val, batch_size=8, max_blocks=QUALITY_SLICE_BLOCKS)
+    copy = copy_probe(model, val[:QUALITY_SLICE_BLOCKS], seed=seed)
     unigram = unigram_loss(train, val, len(tokenizer))
     texts = [d.text for d in load_documents("test", cache_dir)]
     n = QUALITY_NEEDLE
@@ -227,6 +263,7 @@ def base_model_quality(model, tokenizer, *, cache_dir: str | os.PathLike | None,
             "unigram_val_ppl": math.exp(unigram),
             "needle": needle,
             "needle_grid": dataclasses.asdict(n),
+            "copy": copy,
         },
         "val_slice": {"split": "val", "blocks": QUALITY_SLICE_BLOCKS, "seq_len": QUALITY_SEQ_LEN,
                       "dtype": "float32", "loss": sliced["loss"], "ppl": sliced["ppl"]},
