@@ -203,17 +203,17 @@ def run_job(container: dict[str, Any], *, group: str | None = None, overrides: l
         student = _pretrain_model(job)
     else:
         original, tokenizer = base_models.load_base_model(e.model, cache_dir=job.cache_dir, device=device)
-    if job.pretraining and original is not None:  # continued pre-training of the original's weights
-        student = copy.deepcopy(original).train()
-    elif original is not None:
-        student = build_student(
-            original,
-            k_dim=e.kv.k_dim,
-            v_dim=e.kv.v_dim,
-            init=e.kv.init,
-            rope=e.rope.schedule,
-            rope_at_full_dim=e.rope.at_full_dim,
-        )
+        if job.pretraining:  # continued pre-training of the original's own weights
+            student = copy.deepcopy(original).train()
+        else:
+            student = build_student(
+                original,
+                k_dim=e.kv.k_dim,
+                v_dim=e.kv.v_dim,
+                init=e.kv.init,
+                rope=e.rope.schedule,
+                rope_at_full_dim=e.rope.at_full_dim,
+            )
     train_blocks = load_blocks(job.data, "train", tokenizer=tokenizer)
     val_blocks = load_blocks(job.data, "val", tokenizer=tokenizer)
 
