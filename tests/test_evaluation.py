@@ -163,20 +163,29 @@ def test_needle_grid_on_a_random_model(cache, models, tokenizer):
 
 
 class CopyingOracle(torch.nn.Module):
-    """Induction by lookup: predicts the token that followed the latest earlier occurrence of the
-    last 4 tokens. Its "cache" is the token history."""
+    """Induction by lookup: at each position, predicts the token that followed the latest earlier
+    occurrence of the last ``match`` tokens (uniform where there is none, and everywhere with
+    ``copies=False``: a model that never copies). Its "cache" is the token history."""
 
-    def __init__(self, vocab_size):
+    def __init__(self, vocab_size, match=4, copies=True):
         super().__init__()
-        self.vocab_size = vocab_size
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+        self.head = torch.nn.Linear(1, vocab_size, bias=False)  # a device and the vocab size
+        self.match, self.copies = match, copies
+
+    def get_output_embeddings(self):
+        return self.head
 
     def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep=0):
         history = input_ids if cache is None else torch.cat([cache, input_ids], dim=1)  # (B, T)
-        logits = torch.zeros(len(history), 1, self.vocab_size)
+        keep = logits_to_keep or input_ids.shape[1]
+        total, m = history.shape[1], self.match
+        logits = torch.zeros(len(history), keep, self.head.out_features)
         for b, row in enumerate(history.tolist()):
-            match = next((j for j in range(len(row) - 2, 3, -1) if row[j - 4 : j] == row[-4:]), None)
-            logits[b, 0, row[match] if match is not None else 0] = 1.0
+            for i, pos in enumerate(range(total - keep, total)):
+                key = row[pos + 1 - m : pos + 1]
+                j = next((j for j in range(pos - 1, m - 1, -1) if row[j - m : j] == key), None)
+                if self.copies and j is not None:
+                    logits[b, i, row[j]] = 30.0
         return types.SimpleNamespace(logits=logits, cache=history)
 
 
@@ -298,39 +307,13 @@ def test_saved_student_evaluates_with_the_stock_cli(cache, models, tokenizer, tm
 # ---------------------------------------------------------------------------- copy probe
 
 
-class InductionOracle(torch.nn.Module):
-    """Predicts, at each position, the token that followed the latest earlier occurrence of the
-    current token (a perfect induction head); uniform where the token has not occurred before.
-    With ``copies=False`` it is uniform everywhere (a model that never copies)."""
-
-    def __init__(self, vocab: int, copies: bool = True):
-        super().__init__()
-        self.head = torch.nn.Linear(4, vocab)
-        self.copies = copies
-
-    def get_output_embeddings(self):
-        return self.head
-
-    def forward(self, input_ids, use_cache=False):
-        b, t = input_ids.shape
-        logits = torch.zeros(b, t, self.head.out_features)
-        for i in range(b):
-            last: dict[int, int] = {}
-            for pos in range(t):
-                token = int(input_ids[i, pos])
-                if self.copies and token in last:
-                    logits[i, pos, input_ids[i, last[token] + 1]] = 30.0
-                last[token] = pos
-        return types.SimpleNamespace(logits=logits)
-
-
 def test_copy_probe_separates_a_copier_from_a_model_that_does_not_copy():
     vocab = 100_000  # random tokens almost never recur by chance
     blocks = torch.randint(vocab, (2, 600), generator=torch.Generator().manual_seed(0))
-    copier = evaluation.copy_probe(InductionOracle(vocab), blocks, span=32, gap=100)
+    copier = evaluation.copy_probe(CopyingOracle(vocab, match=1), blocks, span=32, gap=100)
     assert copier["prose_repeat"] < 0.01 and copier["random_repeat"] < 0.01
     assert copier["prose_first"] == pytest.approx(math.log(vocab), rel=0.01)  # nothing to copy yet
-    blind = evaluation.copy_probe(InductionOracle(vocab, copies=False), blocks, span=32, gap=100)
+    blind = evaluation.copy_probe(CopyingOracle(vocab, match=1, copies=False), blocks, span=32, gap=100)
     assert blind == pytest.approx({k: math.log(vocab) for k in blind}, rel=1e-4)
     with pytest.raises(ValueError, match="too short"):
-        evaluation.copy_probe(InductionOracle(vocab), blocks, span=64, gap=500)
+        evaluation.copy_probe(CopyingOracle(vocab), blocks, span=64, gap=500)

@@ -251,9 +251,8 @@ def base_model_quality(model, tokenizer, *, cache_dir: str | os.PathLike | None,
     copy = copy_probe(model, val[:QUALITY_SLICE_BLOCKS], seed=seed)
     unigram = unigram_loss(train, val, len(tokenizer))
     texts = [d.text for d in load_documents("test", cache_dir)]
-    n = QUALITY_NEEDLE
-    needle = needle_grid(model, tokenizer, texts, context_lengths=n.context_lengths, depths=n.depths,
-                         trials=n.trials, new_tokens=n.new_tokens, batch_size=8, seed=seed)
+    needle = model_metrics(model, tokenizer, EvalConfig(tasks=[], needle=QUALITY_NEEDLE, seed=seed),
+                           include_path=None, texts=texts)
     return {
         "quality": {
             "val_loss_fp32": full["loss"],
@@ -262,7 +261,7 @@ def base_model_quality(model, tokenizer, *, cache_dir: str | os.PathLike | None,
             "unigram_val_loss": unigram,
             "unigram_val_ppl": math.exp(unigram),
             "needle": needle,
-            "needle_grid": dataclasses.asdict(n),
+            "needle_grid": dataclasses.asdict(QUALITY_NEEDLE),
             "copy": copy,
         },
         "val_slice": {"split": "val", "blocks": QUALITY_SLICE_BLOCKS, "seq_len": QUALITY_SEQ_LEN,
