@@ -241,7 +241,7 @@ def test_data_configs_compose_and_validate(name):
         ({"source": "hf"}, r"data\.hf_path must be set"),
         ({"source": "hf", "hf_path": "a/b", "eval_max_blocks": 5}, r"data\.max_blocks must be set"),
         ({"seqlen": 8}, r"unknown key\(s\) \[.data\.seqlen.\]"),
-        ({"recall_fraction": 0.2, "seq_len": 64}, r"data\.recall_fraction=0\.2 needs data\.seq_len >= 128"),
+        ({"recall_fraction": 0.2, "seq_len": 8}, r"data\.recall_fraction=0\.2 needs data\.seq_len >= 16"),
     ],
 )
 def test_invalid_data_config_names_the_key(values, message):
@@ -260,7 +260,7 @@ def test_recall_blocks_are_fact_or_repeat_documents_and_deterministic():
     assert not torch.equal(blocks, data.recall_blocks(haystack, tokenizer=tok, n=12, seed=4))
     kinds = []
     for block in blocks:
-        periods = [p for p in range(32, 257) if torch.equal(block[p:], block[:-p])]
+        periods = [p for p in range(6, 513) if torch.equal(block[p:], block[:-p])]
         if periods:  # a repeat document: one random sequence, tiled
             kinds.append("repeat")
             assert len(set(block[: periods[0]].tolist())) > periods[0] // 2
@@ -273,6 +273,14 @@ def test_recall_blocks_are_fact_or_repeat_documents_and_deterministic():
         assert all(facts.count(f) == 2 for f in facts)
         assert text.rstrip().endswith(facts[-1])
     assert set(kinds) == {"repeat", "facts"}
+
+
+def test_short_recall_blocks_are_all_repeat_documents():
+    tok = load_tokenizer()
+    haystack = torch.randint(len(tok), (4, 64))
+    for block in data.recall_blocks(haystack, tokenizer=tok, n=20, seed=0):
+        period = next(p for p in range(6, 33) if torch.equal(block[p:], block[:-p]))
+        assert len(set(block[:period].tolist())) > period // 2
 
 
 # ---------------------------------------------------------------------------- step batches

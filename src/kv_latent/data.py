@@ -116,7 +116,7 @@ class DataConfig:
         if self.recall_fraction > 0 and self.seq_len < RECALL_MIN_SEQ_LEN:
             raise ConfigError(
                 f"data.recall_fraction={self.recall_fraction} needs data.seq_len >= {RECALL_MIN_SEQ_LEN} "
-                f"(got {self.seq_len}): a recall document needs room for a fact, its query and a repeat besides its prose"
+                f"(got {self.seq_len}): a repeat document needs room for several periods of its sequence"
             )
         for key in ("max_blocks", "eval_max_blocks"):
             value = getattr(self, key)
@@ -739,7 +739,9 @@ def _cached_blocks(path: Path, build) -> torch.Tensor:
     return blocks
 
 
-RECALL_MIN_SEQ_LEN = 128
+RECALL_MIN_SEQ_LEN = 16  # room for a few periods of the shortest repeat
+RECALL_FACT_MIN_SEQ_LEN = 128  # room for a fact, its query and a repeat besides the prose
+RECALL_MIN_PERIOD = 6
 RECALL_THINGS = (
     "password", "pin", "lucky number", "room number", "ticket number", "phone code", "key number",
     "house number", "account number", "locker code", "door code", "order number", "seat number",
@@ -769,10 +771,12 @@ def recall_blocks(haystack: torch.Tensor, *, tokenizer, n: int, seed: int) -> to
     * 1-6 repeats: a span of 8-64 tokens of the block (its prose, or in half of them random
       tokens, which nothing but the copy predicts) repeated at a later position;
 
-    the other half are *repeat* documents, a random token sequence of 16 to ``seq_len / 4`` tokens
-    repeated to fill the block: the densest copy signal. Counts and lengths scale with the block
-    (at most ``seq_len / 200 + 1`` facts and repeats, spans up to ``seq_len / 16`` tokens), the
-    values above being those of 1024-token blocks.
+    the other half are *repeat* documents, a random token sequence of 6 to ``seq_len / 2`` tokens
+    repeated to fill the block: the densest copy signal. Blocks shorter than 128 tokens hold repeat
+    documents only. Counts and lengths scale with the block (at most ``seq_len / 200 + 1`` facts
+    and repeats, spans up to ``seq_len / 16`` tokens), the values above being those of 1024-token
+    blocks. Short blocks of repeat documents (``seq_len=64``) are where a model forms its induction
+    heads fastest, with few positions to attend to (``experiments/copy_warmup.yaml``).
     Owners are made-up names and values 3-7 digit numbers; the template differs from the needle
     evaluation's ("The secret code of <city> is <5 digits>"), so the evaluation measures the
     copying skill, not a memorised format. A pure function of ``(haystack, n, seed)``.
@@ -786,8 +790,8 @@ def recall_blocks(haystack: torch.Tensor, *, tokenizer, n: int, seed: int) -> to
 
     out = torch.empty(n, seq_len, dtype=torch.long)
     for i in range(n):
-        if rng.random() < 0.5:
-            period = [rng.randrange(vocab_size) for _ in range(rng.randint(16, seq_len // 4))]
+        if seq_len < RECALL_FACT_MIN_SEQ_LEN or rng.random() < 0.5:
+            period = [rng.randrange(vocab_size) for _ in range(rng.randint(RECALL_MIN_PERIOD, seq_len // 2))]
             out[i] = torch.tensor((period * (seq_len // len(period) + 1))[:seq_len])
             continue
         facts = []
@@ -804,8 +808,10 @@ def recall_blocks(haystack: torch.Tensor, *, tokenizer, n: int, seed: int) -> to
                 hay[src : src + length] = [rng.randrange(vocab_size) for _ in range(length)]
             at = rng.randrange(src + length, len(hay) + 1)
             hay[at:at] = hay[src : src + length]
-        for fact in facts:  # positions in the first 90% so that some distance always remains
-            at = rng.randrange(int(len(hay) * 0.9) + 1)
+        # Positions in the first 90 % so that some distance always remains, all drawn in the prose
+        # and filled from the last, so that no fact lands inside another.
+        spots = sorted((rng.randrange(int(len(hay) * 0.9) + 1) for _ in facts), reverse=True)
+        for at, fact in zip(spots, facts):
             hay[at:at] = fact
         out[i] = torch.tensor(hay + queries)
     return out

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Give an embedded tiny model a copy circuit (induction heads) on the 2-core CPU, in two continued
+# pre-training runs, and measure the quality bar of the result (kv_latent.evaluation.base_model_quality:
+# val perplexity, needle grid, copy probe):
+#   1. experiments/copy_warmup.yaml: 64-token blocks, half repeat documents: the circuit forms;
+#   2. experiments/copy_longctx.yaml, from step 1's model: 1024-token blocks, 30 % recall documents:
+#      prose perplexity recovers and copying extends to the whole window.
+# The shipped weights are left alone (nothing is exported); README "The embedded models" has the
+# figures and why the result is not shipped.
+# Usage: bash experiments/copy_circuit_tiny.sh [MODEL ...]   (default: tiny_mha tiny_gqa)
+set -euo pipefail
+runs=${KV_LATENT_OUTPUT:-/tmp/kvl_copy_circuit}
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(tiny_mha tiny_gqa)
+newest_model() {  # the model directory of the newest record of a model's runs
+  python -c "import json, pathlib, sys
+recs = sorted(pathlib.Path(sys.argv[1]).glob('*/record.json'), key=lambda p: p.stat().st_mtime)
+print(json.loads(recs[-1].read_text())['model_dir'])" "$runs/runs/$1"
+}
+for model in "${models[@]}"; do
+  KV_LATENT_OUTPUT=$runs python src/run.py +experiment=copy_warmup model=$model
+  warm=$(newest_model "$model")
+  KV_LATENT_OUTPUT=$runs python src/run.py +experiment=copy_longctx model=$model model.source=hf model.path="$warm"
+  for dir in "$warm" "$(newest_model "$model")"; do
+    python -c "import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from kv_latent.evaluation import base_model_quality
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+q = base_model_quality(m, AutoTokenizer.from_pretrained(sys.argv[1]), cache_dir=None)['quality']
+print(sys.argv[1], 'val ppl %.2f' % q['val_ppl_fp32'], 'needle', q['needle']['needle/mean'], 'copy', json.dumps(q['copy']))" "$dir"
+  done
+done
