@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Give an embedded tiny model a copy circuit (induction heads) on the 2-core CPU, in two continued
-# pre-training runs, and measure the quality bar of the result (kv_latent.evaluation.base_model_quality:
+# Give an embedded tiny model a copy circuit (induction heads) on the 2-core CPU, in three continued
+# pre-training runs, and measure the quality bar after each (kv_latent.evaluation.base_model_quality:
 # val perplexity, needle grid, copy probe):
 #   1. experiments/copy_warmup.yaml: 64-token blocks, half repeat documents: the circuit forms;
 #   2. experiments/copy_longctx.yaml, from step 1's model: 1024-token blocks, 30 % recall documents:
-#      prose perplexity recovers and copying extends to the whole window.
+#      prose perplexity recovers, random sequences are copied, but the needle stays at 0 %;
+#   3. experiments/copy_facts.yaml, from step 2's model: 128-token blocks, half recall documents:
+#      the model retrieves facts by name, and the needle rises at 256 and 512 tokens.
 # The shipped weights are left alone (nothing is exported); README "The embedded models" has the
 # figures and why the result is not shipped.
 # Usage: bash experiments/copy_circuit_tiny.sh [MODEL ...]   (default: tiny_mha tiny_gqa)
@@ -21,7 +23,9 @@ for model in "${models[@]}"; do
   KV_LATENT_OUTPUT=$runs python src/run.py +experiment=copy_warmup model=$model
   warm=$(newest_model "$model")
   KV_LATENT_OUTPUT=$runs python src/run.py +experiment=copy_longctx model=$model model.source=hf model.path="$warm"
-  for dir in "$warm" "$(newest_model "$model")"; do
+  long=$(newest_model "$model")
+  KV_LATENT_OUTPUT=$runs python src/run.py +experiment=copy_facts model=$model model.source=hf model.path="$long"
+  for dir in "$warm" "$long" "$(newest_model "$model")"; do
     python -c "import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from kv_latent.evaluation import base_model_quality
