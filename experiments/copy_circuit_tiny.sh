@@ -14,18 +14,21 @@ set -euo pipefail
 runs=${KV_LATENT_OUTPUT:-/tmp/kvl_copy_circuit}
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(tiny_mha tiny_gqa)
-newest_model() {  # the model directory of the newest record of a model's runs
+step() {  # step NAME MODEL [START_DIR]: run one step into its own output root; print its model's directory
+  local name=$1 model=$2 start=${3:-}
+  local from=(); [ -z "$start" ] || from=(model.source=hf "model.path=$start")
+  KV_LATENT_OUTPUT=$runs/$name python src/run.py +experiment=$name model=$model "${from[@]}" >&2
+  # The record of this step started from START_DIR (a rerun skips the job and rewrites nothing).
   python -c "import json, pathlib, sys
-recs = sorted(pathlib.Path(sys.argv[1]).glob('*/record.json'), key=lambda p: p.stat().st_mtime)
-print(json.loads(recs[-1].read_text())['model_dir'])" "$runs/runs/$1"
+recs = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob('*/record.json')]
+print(max((r for r in recs if r['config']['model']['path'] == (sys.argv[2] or None)), key=lambda r: r['created'])['model_dir'])" \
+    "$runs/$name/runs/$model" "$start"
 }
 for model in "${models[@]}"; do
-  KV_LATENT_OUTPUT=$runs python src/run.py +experiment=copy_warmup model=$model
-  warm=$(newest_model "$model")
-  KV_LATENT_OUTPUT=$runs python src/run.py +experiment=copy_longctx model=$model model.source=hf model.path="$warm"
-  long=$(newest_model "$model")
-  KV_LATENT_OUTPUT=$runs python src/run.py +experiment=copy_facts model=$model model.source=hf model.path="$long"
-  for dir in "$warm" "$long" "$(newest_model "$model")"; do
+  warm=$(step copy_warmup "$model")
+  long=$(step copy_longctx "$model" "$warm")
+  facts=$(step copy_facts "$model" "$long")
+  for dir in "$warm" "$long" "$facts"; do
     python -c "import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from kv_latent.evaluation import base_model_quality
