@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Give an embedded tiny model a copy circuit (induction heads) on the 2-core CPU, in three continued
-# pre-training runs, and measure the quality bar after each (kv_latent.evaluation.base_model_quality:
-# val perplexity, needle grid, copy probe):
+# Give an embedded tiny model a copy circuit (induction heads) and in-context retrieval on the 2-core
+# CPU, in four continued pre-training runs, and measure the quality bar after each
+# (kv_latent.evaluation.base_model_quality: val perplexity, needle grid, copy probe):
 #   1. experiments/copy_warmup.yaml: 64-token blocks, half repeat documents: the circuit forms;
 #   2. experiments/copy_longctx.yaml, from step 1's model: 1024-token blocks, 30 % recall documents:
 #      prose perplexity recovers, random sequences are copied, but the needle stays at 0 %;
 #   3. experiments/copy_facts.yaml, from step 2's model: 128-token blocks, half recall documents:
-#      the model retrieves facts by name, and the needle rises at 256 and 512 tokens.
-# The shipped weights are left alone (nothing is exported); README "The embedded models" has the
-# figures and why the result is not shipped.
-# Usage: bash experiments/copy_circuit_tiny.sh [MODEL ...]   (default: tiny_mha tiny_gqa)
+#      the model retrieves facts by name, and the needle rises at 256 and 512 tokens;
+#   4. experiments/copy_extend.yaml, from step 3's model: 1024-token blocks, half fact documents:
+#      retrieval extends to the whole window and prose perplexity recovers.
+# With EXPORT=1 the four models are then exported in order into src/kv_latent/assets/<model>
+# (kv_latent.pipeline.export_embedded), each provenance.json nesting the one before under "init".
+# The shipped weights are the result of EXPORT=1 run on the GPU-pretrained ones
+# (experiments/pretrain_tiny_gpu.sh); README "The embedded models" has the figures.
+# Usage: [EXPORT=1] bash experiments/copy_circuit_tiny.sh [MODEL ...]   (default: tiny_mha tiny_gqa)
 set -euo pipefail
 runs=${KV_LATENT_OUTPUT:-/tmp/kvl_copy_circuit}
 models=("$@")
@@ -28,12 +32,21 @@ for model in "${models[@]}"; do
   warm=$(step copy_warmup "$model")
   long=$(step copy_longctx "$model" "$warm")
   facts=$(step copy_facts "$model" "$long")
-  for dir in "$warm" "$long" "$facts"; do
-    python -c "import json, sys
+  extend=$(step copy_extend "$model" "$facts")
+  # The quality bar of each step's model; with EXPORT=1 measured by the export, in chain order.
+  python -c "import json, os, sys
+from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from kv_latent.evaluation import base_model_quality
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-q = base_model_quality(m, AutoTokenizer.from_pretrained(sys.argv[1]), cache_dir=None)['quality']
-print(sys.argv[1], 'val ppl %.2f' % q['val_ppl_fp32'], 'needle', q['needle']['needle/mean'], 'copy', json.dumps(q['copy']))" "$dir"
-  done
+from kv_latent.pipeline import export_embedded
+for model_dir in map(Path, sys.argv[2:]):
+    if os.environ.get('EXPORT') == '1':
+        record = json.loads((model_dir.parent / 'record.json').read_text())
+        target = export_embedded(model_dir, record, name=sys.argv[1], cache_dir=Path(record['config']['cache_dir']))
+        q = json.loads((target / 'provenance.json').read_text())['quality']
+    else:
+        m, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+        q = base_model_quality(m, tok, cache_dir=None)['quality']
+    print(model_dir, 'val ppl %.2f' % q['val_ppl_fp32'], 'needle', json.dumps({k: v for k, v in q['needle'].items() if k.endswith('mean')}), 'copy', json.dumps(q['copy']))" \
+    "$model" "$warm" "$long" "$facts" "$extend"
 done

@@ -234,7 +234,7 @@ def test_help():
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
 # Single jobs that continue another job's model (model.path), so there is nothing to sweep.
-SINGLE_JOBS = {"copy_longctx", "copy_facts"}
+SINGLE_JOBS = {"copy_longctx", "copy_facts", "copy_extend"}
 
 
 def sweep_points(params: dict[str, str]) -> list[list[str]]:

@@ -242,6 +242,8 @@ def test_data_configs_compose_and_validate(name):
         ({"source": "hf", "hf_path": "a/b", "eval_max_blocks": 5}, r"data\.max_blocks must be set"),
         ({"seqlen": 8}, r"unknown key\(s\) \[.data\.seqlen.\]"),
         ({"recall_fraction": 0.2, "seq_len": 8}, r"data\.recall_fraction=0\.2 needs data\.seq_len >= 16"),
+        ({"recall_fact_share": 1.5}, r"data\.recall_fact_share=1\.5 must be in \[0, 1\]"),
+        ({"recall_fact_min_len": 64}, r"data\.recall_fact_min_len=64 must be null or in \[128, data\.seq_len="),
     ],
 )
 def test_invalid_data_config_names_the_key(values, message):
@@ -249,30 +251,55 @@ def test_invalid_data_config_names_the_key(values, message):
         from_mapping(DataConfig, values, "data")
 
 
-def test_recall_blocks_are_fact_or_repeat_documents_and_deterministic():
-    tok = load_tokenizer()
+def recall_haystack(tok):
     words = "and the king said unto them that it came to pass in the land of old".split()
     text = " ".join(words[i % len(words)] for i in range(6000))
-    haystack = blocks_from_texts([text], tokenizer=tok, seq_len=1024)
+    return blocks_from_texts([text], tokenizer=tok, seq_len=1024)
+
+
+def recall_kind(block, tok, *, queries_end_block=True):
+    """'repeat' or 'facts', after checking that the block is a well-formed document of that kind."""
+    periods = [p for p in range(6, 513) if torch.equal(block[p:], block[:-p])]
+    if periods:  # a repeat document: one random sequence, tiled
+        assert len(set(block[: periods[0]].tolist())) > periods[0] // 2
+        return "repeat"
+    text = tok.decode(block.tolist())
+    facts = re.findall(r"The [a-z ]+ of [A-Z][a-z]+ is \d{3,7}\.", text)
+    assert 2 <= len(facts) <= 12
+    # Every fact occurs twice, the queries (the facts again) last, by default at the block's end.
+    assert all(facts.count(f) == 2 for f in facts)
+    assert text.rstrip().endswith(facts[-1]) or not queries_end_block
+    return "facts"
+
+
+def test_recall_blocks_are_fact_or_repeat_documents_and_deterministic():
+    tok = load_tokenizer()
+    haystack = recall_haystack(tok)
     blocks = data.recall_blocks(haystack, tokenizer=tok, n=12, seed=3)
     assert blocks.shape == (12, 1024) and blocks.dtype == torch.long
     assert torch.equal(blocks, data.recall_blocks(haystack, tokenizer=tok, n=12, seed=3))
     assert not torch.equal(blocks, data.recall_blocks(haystack, tokenizer=tok, n=12, seed=4))
-    kinds = []
+    assert {recall_kind(block, tok) for block in blocks} == {"repeat", "facts"}
+
+
+@pytest.mark.parametrize("fact_share, kind", [(0.0, "repeat"), (1.0, "facts")])
+def test_recall_fact_share_sets_the_document_kind(fact_share, kind):
+    tok = load_tokenizer()
+    blocks = data.recall_blocks(recall_haystack(tok), tokenizer=tok, n=8, seed=3, fact_share=fact_share)
+    assert {recall_kind(block, tok) for block in blocks} == {kind}
+
+
+def test_recall_fact_min_len_puts_the_queries_anywhere_in_the_block():
+    tok = load_tokenizer()
+    haystack = recall_haystack(tok)
+    blocks = data.recall_blocks(haystack, tokenizer=tok, n=8, seed=3, fact_share=1, fact_min_len=128)
+    assert blocks.shape == (8, 1024)
+    ends = []  # where the last query ends, as a share of the block's text
     for block in blocks:
-        periods = [p for p in range(6, 513) if torch.equal(block[p:], block[:-p])]
-        if periods:  # a repeat document: one random sequence, tiled
-            kinds.append("repeat")
-            assert len(set(block[: periods[0]].tolist())) > periods[0] // 2
-            continue
-        kinds.append("facts")
+        assert recall_kind(block, tok, queries_end_block=False) == "facts"
         text = tok.decode(block.tolist())
-        facts = re.findall(r"The [a-z ]+ of [A-Z][a-z]+ is \d{3,7}\.", text)
-        assert 2 <= len(facts) <= 12
-        # Every fact occurs twice, and the block ends with the queries (the facts again).
-        assert all(facts.count(f) == 2 for f in facts)
-        assert text.rstrip().endswith(facts[-1])
-    assert set(kinds) == {"repeat", "facts"}
+        ends.append(list(re.finditer(r"is \d{3,7}\.", text))[-1].end() / len(text))
+    assert min(ends) < 0.5 < max(ends)
 
 
 def test_short_recall_blocks_are_all_repeat_documents():

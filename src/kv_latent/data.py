@@ -101,6 +101,11 @@ class DataConfig:
     # Share of train blocks that are synthetic recall documents (see ``recall_blocks``); used to
     # pretrain base models that can copy from their context. 0 for retraining.
     recall_fraction: float = 0.0
+    # Share of those recall blocks that are fact documents; the rest are repeat documents.
+    recall_fact_share: float = 0.5
+    # Shortest fact document: they end at a random length from here to seq_len, the rest of the
+    # block being prose; null: every fact document fills its block.
+    recall_fact_min_len: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,6 +118,14 @@ class DataConfig:
             raise ConfigError(f"data.seq_len={self.seq_len} must be positive")
         if not 0 <= self.recall_fraction < 1:
             raise ConfigError(f"data.recall_fraction={self.recall_fraction} must be in [0, 1)")
+        if not 0 <= self.recall_fact_share <= 1:
+            raise ConfigError(f"data.recall_fact_share={self.recall_fact_share} must be in [0, 1]")
+        low = self.recall_fact_min_len
+        if low is not None and not RECALL_FACT_MIN_SEQ_LEN <= low <= self.seq_len:
+            raise ConfigError(
+                f"data.recall_fact_min_len={low} must be null or in "
+                f"[{RECALL_FACT_MIN_SEQ_LEN}, data.seq_len={self.seq_len}]"
+            )
         if self.recall_fraction > 0 and self.seq_len < RECALL_MIN_SEQ_LEN:
             raise ConfigError(
                 f"data.recall_fraction={self.recall_fraction} needs data.seq_len >= {RECALL_MIN_SEQ_LEN} "
@@ -758,12 +771,20 @@ def _recall_name(rng: random.Random) -> str:
     return "".join(rng.choice(RECALL_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
 
 
-def recall_blocks(haystack: torch.Tensor, *, tokenizer, n: int, seed: int) -> torch.Tensor:
+def recall_blocks(
+    haystack: torch.Tensor,
+    *,
+    tokenizer,
+    n: int,
+    seed: int,
+    fact_share: float = 0.5,
+    fact_min_len: int | None = None,
+) -> torch.Tensor:
     """``n`` synthetic retrieval documents, each a block as long as ``haystack``'s.
 
     Their targets can only be predicted by copying from the context, so that a small base model
-    learns in-context retrieval (induction heads) from a share of them. Half are *fact* documents,
-    a prose block of ``haystack`` with
+    learns in-context retrieval (induction heads) from a share of them. A share ``fact_share`` are
+    *fact* documents, a prose block of ``haystack`` with
 
     * 1-6 facts ("The door code of Kalomir is 48213.") inserted at random positions in the first
       90 % of the block, and at its end the facts again in another order: their values must be
@@ -771,37 +792,42 @@ def recall_blocks(haystack: torch.Tensor, *, tokenizer, n: int, seed: int) -> to
     * 1-6 repeats: a span of 8-64 tokens of the block (its prose, or in half of them random
       tokens, which nothing but the copy predicts) repeated at a later position;
 
-    the other half are *repeat* documents, a random token sequence of 6 to ``seq_len / 2`` tokens
+    the others are *repeat* documents, a random token sequence of 6 to ``seq_len / 2`` tokens
     repeated to fill the block: the densest copy signal. Blocks shorter than 128 tokens hold repeat
-    documents only. Counts and lengths scale with the block (at most ``seq_len / 200 + 1`` facts
-    and repeats, spans up to ``seq_len / 16`` tokens), the values above being those of 1024-token
-    blocks. Short blocks of repeat documents (``seq_len=64``) are where a model forms its induction
-    heads fastest, with few positions to attend to (``experiments/copy_warmup.yaml``).
+    documents only. With ``fact_min_len`` a fact document ends (with its queries) at a random
+    length from ``fact_min_len`` to ``seq_len`` and its prose goes on to fill the block, so that
+    queries come at every position of the window, not only at its end. Counts and lengths scale
+    with the document (at most ``length / 200 + 1`` facts and repeats, spans up to ``length / 16``
+    tokens), the values above being those of 1024-token documents. Short blocks of repeat
+    documents (``seq_len=64``) are where a model forms its induction heads fastest, with few
+    positions to attend to (``experiments/copy_warmup.yaml``).
     Owners are made-up names and values 3-7 digit numbers; the template differs from the needle
     evaluation's ("The secret code of <city> is <5 digits>"), so the evaluation measures the
-    copying skill, not a memorised format. A pure function of ``(haystack, n, seed)``.
+    copying skill, not a memorised format. A pure function of its arguments.
     """
     rng = random.Random(seed)
     seq_len, vocab_size = haystack.shape[1], len(tokenizer)
-    most, longest = seq_len // 200 + 1, min(64, seq_len // 16)  # facts and repeats per document
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     out = torch.empty(n, seq_len, dtype=torch.long)
     for i in range(n):
-        if seq_len < RECALL_FACT_MIN_SEQ_LEN or rng.random() < 0.5:
+        if seq_len < RECALL_FACT_MIN_SEQ_LEN or rng.random() < 1 - fact_share:
             period = [rng.randrange(vocab_size) for _ in range(rng.randint(RECALL_MIN_PERIOD, seq_len // 2))]
             out[i] = torch.tensor((period * (seq_len // len(period) + 1))[:seq_len])
             continue
+        size = seq_len if fact_min_len is None else rng.randint(fact_min_len, seq_len)
+        most, longest = size // 200 + 1, min(64, size // 16)  # facts and repeats per document
         facts = []
         for _ in range(rng.randint(1, most)):
             value = str(rng.randrange(10 ** (digits := rng.randint(3, 7)) // 10, 10**digits))
             facts.append(ids(f" The {rng.choice(RECALL_THINGS)} of {_recall_name(rng)} is {value}."))
         queries = [t for fact in rng.sample(facts, len(facts)) for t in fact]
-        hay = haystack[rng.randrange(len(haystack))].tolist()
+        prose = haystack[rng.randrange(len(haystack))].tolist()
         spans = [rng.randint(8, longest) for _ in range(rng.randint(1, most))]
-        hay = hay[: seq_len - len(queries) - sum(map(len, facts)) - sum(spans)]
+        cut = size - len(queries) - sum(map(len, facts)) - sum(spans)
+        hay, rest = prose[:cut], prose[cut:]
         for length in spans:  # each repeat lands after its source
             src = rng.randrange(len(hay) - length)
             if rng.random() < 0.5:
@@ -813,7 +839,7 @@ def recall_blocks(haystack: torch.Tensor, *, tokenizer, n: int, seed: int) -> to
         spots = sorted((rng.randrange(int(len(hay) * 0.9) + 1) for _ in facts), reverse=True)
         for at, fact in zip(spots, facts):
             hay[at:at] = fact
-        out[i] = torch.tensor(hay + queries)
+        out[i] = torch.tensor((hay + queries + rest)[:seq_len])
     return out
 
 
@@ -873,7 +899,15 @@ def load_blocks(cfg: DataConfig, split: str, *, tokenizer=None) -> torch.Tensor:
     blocks = _source_blocks(cfg, split, tokenizer)
     if split == "train" and cfg.recall_fraction > 0:
         n = round(len(blocks) * cfg.recall_fraction / (1 - cfg.recall_fraction))
-        blocks = torch.cat([blocks, recall_blocks(blocks, tokenizer=tokenizer, n=n, seed=len(blocks))])
+        recall = recall_blocks(
+            blocks,
+            tokenizer=tokenizer,
+            n=n,
+            seed=len(blocks),
+            fact_share=cfg.recall_fact_share,
+            fact_min_len=cfg.recall_fact_min_len,
+        )
+        blocks = torch.cat([blocks, recall])
     return blocks
 
 
