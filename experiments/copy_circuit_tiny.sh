@@ -42,11 +42,13 @@ from kv_latent.pipeline import export_embedded
 for model_dir in map(Path, sys.argv[2:]):
     if os.environ.get('EXPORT') == '1':
         record = json.loads((model_dir.parent / 'record.json').read_text())
-        target = export_embedded(model_dir, record, name=sys.argv[1], cache_dir=Path(record['config']['cache_dir']))
+        cache_dir = Path(record['config']['cache_dir'])
+        target = export_embedded(model_dir, record, name=sys.argv[1], cache_dir=cache_dir)
         q = json.loads((target / 'provenance.json').read_text())['quality']
     else:
         m, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
         q = base_model_quality(m, tok, cache_dir=None)['quality']
-    print(model_dir, 'val ppl %.2f' % q['val_ppl_fp32'], 'needle', json.dumps({k: v for k, v in q['needle'].items() if k.endswith('mean')}), 'copy', json.dumps(q['copy']))" \
+    needle = {k: v for k, v in q['needle'].items() if k.endswith('mean')}
+    print(model_dir, 'val ppl %.2f' % q['val_ppl_fp32'], 'needle', json.dumps(needle), 'copy', json.dumps(q['copy']))" \
     "$model" "$warm" "$long" "$facts" "$extend"
 done

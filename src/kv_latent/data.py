@@ -99,7 +99,8 @@ class DataConfig:
     id_field: str = "id"
     streaming: bool = True
     # Share of train blocks that are synthetic recall documents (see ``recall_blocks``); used to
-    # pretrain base models that can copy from their context. 0 for retraining.
+    # pretrain base models that can copy from their context, and in retraining to keep that skill
+    # (README, "What retraining does to their retrieval"). 0: prose only, the paper's recipe.
     recall_fraction: float = 0.0
     # Share of those recall blocks that are fact documents; the rest are repeat documents.
     recall_fact_share: float = 0.5
