@@ -1,15 +1,21 @@
-"""Typed configuration: one dataclass per Hydra config group, validated before any heavy work.
+"""Typed configuration: one dataclass per config group, and the rules between groups (DESIGN.md §3.1).
 
-The Hydra entry point (``src/run.py``) turns its ``DictConfig`` into an :class:`ExperimentConfig`
-through :func:`to_experiment`; everything below the entry point takes these dataclasses (or plain
-arguments), never a ``DictConfig``. Every domain rule lives in :func:`validate`, and every error
-names the config key at fault and what would be right.
+These dataclasses are the schema of ``conf/``. The entry points register them with Hydra, so a
+wrong type, an unknown key or an unknown choice is rejected while the config is composed, naming
+the key; ``OmegaConf.to_object`` then builds the dataclasses, whose ``__post_init__`` checks each
+group's own ranges; :func:`check_ablation` and :func:`check_pretrain` check the rules that span
+groups. All of it runs before any model loads, and every error names the key at fault and what
+would be right. Defaults live here only: the YAML files of ``conf/`` hold what differs.
+
+The library never sees a ``DictConfig``: it takes these dataclasses or plain arguments.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Optional
 
 from kv_latent.rope import ROPE_SCHEDULES
 
@@ -18,48 +24,90 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message names the key and the fix."""
 
 
+def _choices(name: str, values) -> type[StrEnum]:
+    return StrEnum(name, {v: v for v in values})
+
+
+# Choices, checked by the schema. Enum members are ``str``s: ``RopeSchedule.standard == "standard"``.
+RopeSchedule = _choices("RopeSchedule", ROPE_SCHEDULES)
+KVInit = _choices("KVInit", ["strided"])
+GQAMode = _choices("GQAMode", ["keep"])
+ModelSource = _choices("ModelSource", ["embedded", "smollm2_gguf", "hf"])
+DType = _choices("DType", ["float32", "bfloat16", "float16"])
+DataSource = _choices("DataSource", ["prose", "hf"])
+Stage = _choices("Stage", ["pretrain", "intra", "ntp", "kd"])
+PretrainInit = _choices("PretrainInit", ["scratch", "original"])
+Accelerator = _choices("Accelerator", ["cpu", "gpu", "cuda", "mps", "auto"])
+Precision = _choices("Precision", ["auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"])
+LoggerName = _choices("LoggerName", ["wandb", "none"])
+WandbMode = _choices("WandbMode", ["offline", "online", "disabled"])
+
+TEACHER_STAGES = frozenset({"intra", "kd"})
+RETRAIN_RECIPES = [["intra"], ["ntp"], ["kd"], ["intra", "ntp"], ["intra", "kd"]]
+RECALL_MIN_SEQ_LEN = 16  # room for a few periods of the shortest repeat document
+RECALL_FACT_MIN_SEQ_LEN = 128  # room for a fact, its query and a repeat besides the prose
+
+
+def _positive(prefix: str, obj: Any, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{prefix}.{key}={value} must be positive")
+
+
+# ----------------------------------------------------------------------------------------------
+# model, kv, rope, gqa
+
+
 @dataclass
 class ModelConfig:
     """The original (teacher) model. Architecture facts are declared so they can be checked
-    before anything is loaded; they are checked again against the loaded model."""
+    before anything is loaded; they are checked again against the loaded model's config."""
 
     name: str = "tiny_mha"
-    source: str = "embedded"  # embedded | smollm2_gguf | hf
-    path: str | None = None  # HF directory or hub id (source=hf); asset name (source=embedded)
+    source: ModelSource = ModelSource.embedded
+    path: Optional[str] = None  # HF directory or hub id (source=hf); asset name (source=embedded)
     head_dim: int = 64
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
-    num_hidden_layers: int = 4
-    pretrain_tokens: int | None = None  # known pre-training tokens, for budgets as a fraction
-    dtype: str = "float32"
-    # LlamaConfig arguments beyond the fields above (hidden_size, vocab_size, ...), used only to
-    # build the model from scratch for pretraining (train.stages=[pretrain]).
-    arch: dict[str, Any] | None = None
+    num_hidden_layers: int = 6
+    max_position_embeddings: int = 1024  # the context length; no window may exceed it
+    pretrain_tokens: Optional[int] = None  # known pre-training tokens, for budgets as a fraction
+    dtype: DType = DType.float32
+    # Further LlamaConfig arguments (hidden_size, vocab_size, ...), used only to build the model
+    # from scratch (``python src/pretrain.py pretrain=scratch``).
+    arch: Optional[dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        _positive("model", self, "head_dim", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+                  "max_position_embeddings", "pretrain_tokens")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"model.num_key_value_heads={self.num_key_value_heads} must divide "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
 
 
 @dataclass
 class KVConfig:
-    """Reduced per-head dims: ``k_dim`` is d_qk (queries and keys), ``v_dim`` is d_vo."""
+    """Reduced per-head dims: ``k_dim`` is d_qk (queries and keys), ``v_dim`` is d_vo (DESIGN.md §2.1)."""
 
     k_dim: int = 64
     v_dim: int = 64
-    init: str = "strided"
+    init: KVInit = KVInit.strided
 
 
 @dataclass
 class RopeConfig:
-    schedule: str = "standard"
-    at_full_dim: bool = False  # apply the schedule even when k_dim == head_dim (official code: True)
+    """The RoPE schedule of the reduced keys (DESIGN.md §2.2)."""
+
+    schedule: RopeSchedule = RopeSchedule.standard
+    at_full_dim: bool = False  # apply the schedule even when k_dim == head_dim (official code: true)
 
 
 @dataclass
 class GQAConfig:
-    mode: str = "keep"
-
-
-KV_INITS = ("strided",)
-GQA_MODES = ("keep",)
-MODEL_SOURCES = ("embedded", "smollm2_gguf", "hf")
+    mode: GQAMode = GQAMode.keep
 
 
 def check_kv_dims(
@@ -67,87 +115,441 @@ def check_kv_dims(
     k_dim: int,
     v_dim: int,
     head_dim: int,
-    num_attention_heads: int,
-    num_key_value_heads: int,
     init: str = "strided",
     schedule: str = "standard",
     at_full_dim: bool = False,
 ) -> None:
-    """Check the KV-Latent domain rules; raise :class:`ConfigError` naming the offending key."""
-    if schedule not in ROPE_SCHEDULES:
-        raise ConfigError(f"rope.schedule={schedule!r} is unknown; choose one of {sorted(ROPE_SCHEDULES)}")
-    if init not in KV_INITS:
-        raise ConfigError(f"kv.init={init!r} is unknown; choose one of {list(KV_INITS)}")
-    if num_key_value_heads <= 0 or num_attention_heads % num_key_value_heads:
-        raise ConfigError(
-            f"model.num_key_value_heads={num_key_value_heads} must divide "
-            f"model.num_attention_heads={num_attention_heads}"
-        )
+    """The KV-Latent dimension rules; raise :class:`ConfigError` naming the offending key."""
     for key, dim in (("kv.k_dim", k_dim), ("kv.v_dim", v_dim)):
         if not 0 < dim <= head_dim:
             raise ConfigError(f"{key}={dim} must be in 1..{head_dim} (the model's head_dim)")
         if init == "strided" and head_dim % dim:
             divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
-            raise ConfigError(
-                f"{key}={dim} must divide head_dim={head_dim} for kv.init=strided; allowed: {divisors}"
-            )
+            raise ConfigError(f"{key}={dim} must divide head_dim={head_dim} for kv.init=strided; allowed: {divisors}")
     if k_dim % 2:
         raise ConfigError(f"kv.k_dim={k_dim} must be even: RoPE rotates channel pairs")
     rope_applies = k_dim != head_dim or at_full_dim
     if schedule == "freq_aware" and rope_applies and k_dim % 4:
         raise ConfigError(
-            f"kv.k_dim={k_dim} must be a multiple of 4 for rope.schedule=freq_aware "
-            f"(or use rope.schedule=standard)"
+            f"kv.k_dim={k_dim} must be a multiple of 4 for rope.schedule=freq_aware (or use rope=standard)"
         )
 
 
+# ----------------------------------------------------------------------------------------------
+# train, trainer
+
+
 @dataclass
-class ExperimentConfig:
-    """The typed view of one job's configuration (groups the entry point composes)."""
+class TrainConfig:
+    """What is trained, on how many tokens, with which optimiser (DESIGN.md §2.3).
+
+    Exactly one of ``tokens`` (a token budget) and ``pretrain_fraction`` (a fraction of the base
+    model's pre-training tokens) is set. ``batch_size`` is the global batch in sequences per
+    optimiser step, whatever the number of devices, so the data order does not depend on them.
+    The defaults are the paper's recipe scaled to the embedded tiny models on a 2-core CPU:
+    Stage I for a quarter of 192 steps of 8 x 256 tokens, then next-token prediction.
+    """
+
+    stages: list[Stage] = field(default_factory=lambda: [Stage.intra, Stage.ntp])
+    intra_share: float = 0.25  # share of the steps given to Stage I when it precedes another stage
+    tokens: Optional[int] = 393_216
+    pretrain_fraction: Optional[float] = None
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    kd_temperature: float = 2.0
+    # The paper's LoRA on Llama-3-8B is rank 256 / alpha 512 at hidden 4096: the same ratios here.
+    lora_rank: int = 16  # 0: no LoRA, the MLP stays frozen
+    lora_alpha: float = 32.0
+    train_norms: bool = False
+    seed: int = 0
+    checkpoint_every: int = 64  # optimiser steps between writes of last.ckpt
+    log_every: int = 8
+
+    def __post_init__(self) -> None:
+        self.stages = [Stage(s) for s in self.stages]
+        self.betas = tuple(self.betas)
+        if self.stages != [Stage.pretrain] and self.stages not in RETRAIN_RECIPES:
+            raise ConfigError(
+                f"train.stages={[str(s) for s in self.stages]} is not a supported recipe; use one of "
+                f"{RETRAIN_RECIPES} (Stage I 'intra' may only precede 'ntp' or 'kd')"
+            )
+        if len(self.stages) > 1 and not 0 < self.intra_share < 1:
+            raise ConfigError(f"train.intra_share={self.intra_share} must be in (0, 1) for stages {self.stages}")
+        if (self.tokens is None) == (self.pretrain_fraction is None):
+            raise ConfigError(
+                "set exactly one of train.tokens and train.pretrain_fraction (the other null); "
+                f"got tokens={self.tokens}, pretrain_fraction={self.pretrain_fraction}"
+            )
+        _positive("train", self, "tokens", "pretrain_fraction", "batch_size", "checkpoint_every", "log_every",
+                  "lr", "kd_temperature")
+        if self.seq_len < 2:
+            raise ConfigError(f"train.seq_len={self.seq_len} must be >= 2 (next-token prediction needs a target)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        for key in ("weight_decay", "grad_clip", "lora_rank"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if self.lora_rank > 0 and not self.lora_alpha > 0:
+            raise ConfigError(f"train.lora_alpha={self.lora_alpha} must be > 0 when train.lora_rank > 0")
+
+    @property
+    def pretraining(self) -> bool:
+        return self.stages == [Stage.pretrain]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(TEACHER_STAGES.intersection(self.stages))
+
+    def budget_tokens(self, pretrain_tokens: int | None = None) -> int:
+        """The token budget; ``pretrain_tokens`` (the base model's) is needed for ``pretrain_fraction``."""
+        if self.tokens is not None:
+            return int(self.tokens)
+        if not pretrain_tokens:
+            raise ConfigError(
+                f"train.pretrain_fraction={self.pretrain_fraction} needs the base model's pre-training "
+                "tokens (model.pretrain_tokens), which are unknown; set train.tokens instead"
+            )
+        return int(self.pretrain_fraction * pretrain_tokens)
+
+    def total_steps(self, pretrain_tokens: int | None = None) -> int:
+        """Optimiser steps for the budget (rounded up to whole batches)."""
+        return max(1, math.ceil(self.budget_tokens(pretrain_tokens) / self.tokens_per_step))
+
+    def stage_at(self, step: int, total_steps: int) -> str:
+        """The stage of global step ``step`` (0-based): a pure function, so resume is exact."""
+        if len(self.stages) == 1:
+            return self.stages[0]
+        intra_steps = min(max(round(total_steps * self.intra_share), 1), total_steps - 1)
+        return self.stages[0] if step < intra_steps else self.stages[1]
+
+
+@dataclass
+class TrainerConfig:
+    """Where and how Lightning runs (``conf/trainer``). ``precision=auto``: bf16-mixed where the
+    hardware has bf16 (CUDA, CPUs with avx512_bf16/AMX), else 32-true."""
+
+    accelerator: Accelerator = Accelerator.cpu
+    devices: Any = 1  # a count, a list of ids or "auto", as Lightning takes it
+    strategy: str = "auto"
+    precision: Precision = Precision.auto
+    num_nodes: int = 1
+    enable_progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("trainer", self, "num_nodes")
+        if isinstance(self.devices, bool) or not (
+            self.devices == "auto" or (isinstance(self.devices, int) and self.devices > 0)
+            or (isinstance(self.devices, list) and self.devices)
+        ):
+            raise ConfigError(f"trainer.devices={self.devices!r} must be a positive count, a list of ids or 'auto'")
+
+    @property
+    def wants_cuda(self) -> bool:
+        return self.accelerator in (Accelerator.gpu, Accelerator.cuda)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class DataConfig:
+    """Which text, and how it becomes training blocks (DESIGN.md §4).
+
+    ``source=prose`` is the offline corpus (:mod:`kv_latent.data.corpus`). ``source=hf`` reads
+    ``datasets.load_dataset(hf_path, hf_name, split=hf_split, streaming=streaming)`` (needs hub
+    access) and assigns rows to train/val/test by a hash of ``row[id_field]``, as for the prose
+    corpus. ``max_blocks`` caps the train blocks and ``eval_max_blocks`` those of val and test
+    (both required for a streaming source; for the prose corpus they keep the first blocks,
+    documents being stored in hash order).
+    """
+
+    name: str = "prose"
+    source: DataSource = DataSource.prose
+    cache_dir: Optional[str] = None  # None: $KV_LATENT_CACHE or ~/.cache/kv_latent
+    seq_len: int = 1024  # block length; the config groups tie it to train.seq_len
+    max_blocks: Optional[int] = None
+    eval_max_blocks: Optional[int] = None
+    hf_path: Optional[str] = None
+    hf_name: Optional[str] = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    id_field: str = "id"
+    streaming: bool = True
+    # Share of train blocks that are synthetic recall documents (kv_latent.data.recall): they
+    # teach base models to copy from their context, and in retraining keep that skill (README,
+    # "What retraining does to their retrieval"). 0: prose only, the paper's recipe.
+    recall_fraction: float = 0.0
+    recall_fact_share: float = 0.5  # share of the recall blocks that are fact documents
+    # Shortest fact document: they end at a random length from here to seq_len, the rest of the
+    # block being prose; null: every fact document fills its block.
+    recall_fact_min_len: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _positive("data", self, "seq_len", "max_blocks", "eval_max_blocks")
+        if not 0 <= self.recall_fraction < 1:
+            raise ConfigError(f"data.recall_fraction={self.recall_fraction} must be in [0, 1)")
+        if not 0 <= self.recall_fact_share <= 1:
+            raise ConfigError(f"data.recall_fact_share={self.recall_fact_share} must be in [0, 1]")
+        low = self.recall_fact_min_len
+        if low is not None and not RECALL_FACT_MIN_SEQ_LEN <= low <= self.seq_len:
+            raise ConfigError(
+                f"data.recall_fact_min_len={low} must be null or in [{RECALL_FACT_MIN_SEQ_LEN}, "
+                f"data.seq_len={self.seq_len}]"
+            )
+        if self.recall_fraction > 0 and self.seq_len < RECALL_MIN_SEQ_LEN:
+            raise ConfigError(
+                f"data.recall_fraction={self.recall_fraction} needs data.seq_len >= {RECALL_MIN_SEQ_LEN} "
+                f"(got {self.seq_len}): a repeat document needs room for several periods of its sequence"
+            )
+        if self.source == DataSource.hf:
+            if not self.hf_path:
+                raise ConfigError("data.hf_path must be set when data.source=hf")
+            for key in ("max_blocks", "eval_max_blocks"):
+                if self.streaming and getattr(self, key) is None:
+                    raise ConfigError(
+                        f"data.{key} must be set for a streaming source (data.streaming=true): "
+                        "a streamed dataset is too large to tokenize whole"
+                    )
+
+    def blocks_cap(self, split: str) -> int | None:
+        """The block cap of ``split``: ``max_blocks`` for train, ``eval_max_blocks`` otherwise."""
+        return self.max_blocks if split == "train" else self.eval_max_blocks
+
+
+# ----------------------------------------------------------------------------------------------
+# eval
+
+
+@dataclass
+class NeedleConfig:
+    """``eval.needle``: the grid (context lengths in tokens, including the ``new_tokens`` the
+    model decodes; insertion depths as fractions of the haystack) and trials per cell."""
+
+    enabled: bool = True
+    context_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 4
+    new_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        _positive("eval.needle", self, "trials", "new_tokens")
+        if not self.context_lengths or min(self.context_lengths) <= self.new_tokens:
+            raise ConfigError(
+                f"eval.needle.context_lengths={list(self.context_lengths)} must be non-empty and each longer "
+                f"than eval.needle.new_tokens={self.new_tokens}"
+            )
+        if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
+            raise ConfigError(f"eval.needle.depths={list(self.depths)} must be non-empty fractions in [0, 1]")
+
+
+@dataclass
+class EfficiencyConfig:
+    """``eval.efficiency``: batch 1, a ``prompt_len``-token prompt of held-out text, ``new_tokens``
+    greedy tokens; TTFT and ms/token are medians over ``repeats`` runs after ``warmup``."""
+
+    enabled: bool = True
+    prompt_len: int = 896
+    new_tokens: int = 64
+    repeats: int = 5
+    warmup: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        _positive("eval.efficiency", self, "prompt_len", "new_tokens", "repeats")
+        if self.warmup < 0:
+            raise ConfigError(f"eval.efficiency.warmup={self.warmup} must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """lm-eval ``tasks`` (zero-shot; ``limit`` caps the samples per task, null for all), the needle
+    grid, the efficiency protocol and the seed of everything random (DESIGN.md §2.4)."""
+
+    name: str = "quick"
+    tasks: list[str] = field(default_factory=lambda: ["kvl_ppl", "kvl_cloze", "kvl_continuation", "kvl_mmlu"])
+    limit: Optional[int] = 32
+    batch_size: int = 8
+    seed: int = 1234
+    needle: NeedleConfig = field(default_factory=NeedleConfig)
+    efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
+
+    def __post_init__(self) -> None:
+        _positive("eval", self, "limit", "batch_size")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"eval.tasks={list(self.tasks)} lists a task twice")
+
+    def check_context(self, max_length: int) -> None:
+        """Raise :class:`ConfigError` if the needle or efficiency windows exceed a model context
+        of ``max_length`` tokens."""
+        if self.needle.enabled and max(self.needle.context_lengths) > max_length:
+            raise ConfigError(
+                f"eval.needle.context_lengths={list(self.needle.context_lengths)} exceed the model's context "
+                f"(model.max_position_embeddings={max_length} tokens)"
+            )
+        e = self.efficiency
+        if e.enabled and e.prompt_len + e.new_tokens > max_length:
+            raise ConfigError(
+                f"eval.efficiency.prompt_len={e.prompt_len} + eval.efficiency.new_tokens={e.new_tokens} "
+                f"exceed the model's context (model.max_position_embeddings={max_length} tokens)"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# logger
+
+
+@dataclass
+class LoggerConfig:
+    """W&B (offline unless ``mode=online``) or none; a ``metrics.csv`` is always kept. Online
+    without a network gives up after ``init_timeout`` seconds and logs offline instead."""
+
+    name: LoggerName = LoggerName.wandb
+    mode: WandbMode = WandbMode.offline
+    project: str = "kv-latent"
+    entity: Optional[str] = None
+    init_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        _positive("logger", self, "init_timeout")
+
+
+# ----------------------------------------------------------------------------------------------
+# The two workflows
+
+
+@dataclass
+class AblationConfig:
+    """One ablation job (``src/run.py``): original -> surgery -> retrain -> evaluate -> record."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     kv: KVConfig = field(default_factory=KVConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
     gqa: GQAConfig = field(default_factory=GQAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    output_root: str = "outputs"  # runs/, baselines/ and Hydra logs go here
+    cache_dir: str = "~/.cache/kv_latent"  # corpus, tokenized blocks, imported models, task data
 
 
-def from_mapping(cls: type, values: dict[str, Any] | None, prefix: str):
-    """Build dataclass ``cls`` from a plain mapping (a resolved config group named ``prefix``);
-    unknown keys raise :class:`ConfigError` naming them and the known ones."""
-    values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {[f'{prefix}.{k}' for k in unknown]}; known: {sorted(known)}")
-    return cls(**values)
+@dataclass
+class PretrainStep:
+    """One step of a base-model recipe: a training run whose data mixes in recall documents."""
+
+    name: str = "scratch"
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(stages=[Stage.pretrain]))
+    data: DataConfig = field(default_factory=DataConfig)
 
 
-def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Check every domain rule of ``cfg``; return it unchanged or raise :class:`ConfigError`."""
+@dataclass
+class PretrainConfig:
+    """Building an embedded base model (``src/pretrain.py``): its steps run in order, the first
+    from ``init`` (``scratch``: random weights from ``model.arch``; ``original``: the model's
+    current weights), each later one from the previous step's model. With ``export`` the last
+    model ships as the embedded ``model.name``, its provenance nesting every step."""
+
+    name: str = "scratch"
+    init: PretrainInit = PretrainInit.scratch
+    steps: list[PretrainStep] = field(default_factory=lambda: [PretrainStep()])
+    export: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(name=LoggerName.none))
+    output_root: str = "outputs"
+    cache_dir: str = "~/.cache/kv_latent"
+
+
+def _check_windows(model: ModelConfig, train: TrainConfig, data: DataConfig, prefix: str = "") -> None:
+    if data.seq_len != train.seq_len:
+        raise ConfigError(f"{prefix}data.seq_len={data.seq_len} must equal {prefix}train.seq_len={train.seq_len}")
+    if train.seq_len > model.max_position_embeddings:
+        raise ConfigError(
+            f"{prefix}train.seq_len={train.seq_len} exceeds the context of model {model.name!r} "
+            f"(model.max_position_embeddings={model.max_position_embeddings}); use at most that"
+        )
+    budget = train.budget_tokens(model.pretrain_tokens)
+    if budget < train.tokens_per_step * len(train.stages):
+        raise ConfigError(
+            f"the budget of {budget} tokens ({prefix}train.tokens / {prefix}train.pretrain_fraction) is less "
+            f"than one step of {train.tokens_per_step} tokens ({prefix}train.batch_size x {prefix}train.seq_len) "
+            f"per stage of {[str(s) for s in train.stages]}"
+        )
+
+
+def _check_devices(trainer: TrainerConfig, train: TrainConfig, prefix: str = "") -> None:
+    if trainer.wants_cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={trainer.accelerator} but no CUDA device is visible; use trainer=cpu")
+    if isinstance(trainer.devices, int) and train.batch_size % trainer.devices:
+        raise ConfigError(
+            f"{prefix}train.batch_size={train.batch_size} must be divisible by trainer.devices={trainer.devices} "
+            "(it is the global batch)"
+        )
+
+
+def check_ablation(cfg: AblationConfig) -> AblationConfig:
+    """The rules between groups of an ablation job; return ``cfg`` or raise :class:`ConfigError`."""
     m = cfg.model
-    if m.source not in MODEL_SOURCES:
-        raise ConfigError(f"model.source={m.source!r} is unknown; choose one of {list(MODEL_SOURCES)}")
-    if cfg.gqa.mode not in GQA_MODES:
-        raise ConfigError(f"gqa.mode={cfg.gqa.mode!r} is unknown; choose one of {list(GQA_MODES)}")
-    check_kv_dims(
-        k_dim=cfg.kv.k_dim,
-        v_dim=cfg.kv.v_dim,
-        head_dim=m.head_dim,
-        num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_key_value_heads,
-        init=cfg.kv.init,
-        schedule=cfg.rope.schedule,
-        at_full_dim=cfg.rope.at_full_dim,
-    )
+    if cfg.train.pretraining:
+        raise ConfigError(
+            "train.stages=[pretrain] builds a base model, which is its own workflow: "
+            "python src/pretrain.py model=<name> (see conf/pretrain/)"
+        )
+    check_kv_dims(k_dim=cfg.kv.k_dim, v_dim=cfg.kv.v_dim, head_dim=m.head_dim, init=cfg.kv.init,
+                  schedule=cfg.rope.schedule, at_full_dim=cfg.rope.at_full_dim)
+    _check_windows(m, cfg.train, cfg.data)
+    _check_devices(cfg.trainer, cfg.train)
+    cfg.eval.check_context(m.max_position_embeddings)
+    _check_tasks(cfg.eval.tasks)
     return cfg
 
 
-def to_experiment(container: dict[str, Any]) -> ExperimentConfig:
-    """Build and validate an :class:`ExperimentConfig` from a resolved plain dict."""
-    cfg = ExperimentConfig(
-        model=from_mapping(ModelConfig, container.get("model"), "model"),
-        kv=from_mapping(KVConfig, container.get("kv"), "kv"),
-        rope=from_mapping(RopeConfig, container.get("rope"), "rope"),
-        gqa=from_mapping(GQAConfig, container.get("gqa"), "gqa"),
-    )
-    return validate(cfg)
+def check_pretrain(cfg: PretrainConfig) -> PretrainConfig:
+    """The rules between groups of a base-model recipe; return ``cfg`` or raise :class:`ConfigError`."""
+    if not cfg.steps:
+        raise ConfigError("steps is empty: a base-model recipe needs at least one step")
+    if cfg.init == PretrainInit.scratch and not cfg.model.arch:
+        raise ConfigError(f"init=scratch builds model {cfg.model.name!r} from model.arch, which is not set")
+    names = [s.name for s in cfg.steps]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"steps have repeated names {names}; each step's name must be unique")
+    for i, step in enumerate(cfg.steps):
+        prefix = f"steps[{i}]."
+        if not step.train.pretraining:
+            raise ConfigError(f"{prefix}train.stages={[str(s) for s in step.train.stages]} must be [pretrain]")
+        _check_windows(cfg.model, step.train, step.data, prefix)
+        _check_devices(cfg.trainer, step.train, prefix)
+    return cfg
+
+
+def _check_tasks(tasks: list[str]) -> None:
+    from kv_latent.evaluation.lm_eval_tasks import OFFLINE_TASKS, unknown_tasks
+
+    unknown = unknown_tasks(tasks)
+    if unknown:
+        raise ConfigError(
+            f"eval.tasks names unknown task(s) {unknown}; the offline suite is {list(OFFLINE_TASKS)}, "
+            "other names must be lm-eval tasks"
+        )

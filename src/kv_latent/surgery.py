@@ -116,8 +116,6 @@ def build_student(
             k_dim=layer_k,
             v_dim=layer_v,
             head_dim=head_dim,
-            num_attention_heads=n_h,
-            num_key_value_heads=n_kv,
             init=init,
             schedule=rope,
             at_full_dim=rope_at_full_dim,
