@@ -15,7 +15,6 @@ adds one row per model for the original (teacher) model, from the records' ``ori
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -26,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from kv_latent.records import HASHED_SECTIONS, RECORD_FILE, UNHASHED_KEYS, config_hash
+from kv_latent.records import HASHED_SECTIONS, RECORD_FILE, UNHASHED_KEYS, CorruptRecord, config_hash, read_record
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,11 @@ def load_records(roots: Iterable[Path]) -> Runs:
     """Load every complete ``record.json`` under ``roots`` and the ``metrics.csv`` beside it."""
     rows, curves = [], {}
     for path in find_records(roots):
-        record = json.loads(path.read_text())
+        try:
+            record = read_record(path.parent)
+        except CorruptRecord as err:
+            log.warning("skipping %s", err)
+            continue
         if record.get("status") != "complete":
             log.warning("skipping %s: status %r", path, record.get("status"))
             continue

@@ -18,7 +18,7 @@ import statistics
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kv_latent.efficiency import kv_bytes_per_token, measure_latency
+from kv_latent.evaluation.efficiency import kv_bytes_per_token, measure_latency
 from kv_latent.surgery import build_student
 
 DIMS = [(64, 64), (32, 32), (16, 16), (32, 64), (64, 32)]

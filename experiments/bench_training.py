@@ -21,10 +21,11 @@ import torch
 import yaml
 
 from kv_latent.base_models import load_base_model
-from kv_latent.config import ModelConfig
-from kv_latent.data import default_cache_dir
+from kv_latent.config import ModelConfig, TrainConfig
+from kv_latent.data.corpus import default_cache_dir
 from kv_latent.surgery import build_student
-from kv_latent.training import RetrainModule, TrainConfig, resolve_precision
+from kv_latent.training.fit import resolve_precision
+from kv_latent.training.module import RetrainModule
 
 
 def make_arm(model, teacher, stage: str, cfg: TrainConfig):

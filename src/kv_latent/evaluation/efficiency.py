@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PretrainedConfig
 
+from kv_latent.evaluation.decoding import greedy_tokens
+
 
 def layer_kv_dims(config: PretrainedConfig) -> list[tuple[int, int]]:
     """``(k_dim, v_dim)`` per layer for a KV-Latent config or a stock Llama config."""
@@ -56,25 +58,23 @@ def _sync(device: torch.device) -> None:
 def measure_latency(
     model: torch.nn.Module, input_ids: torch.Tensor, *, new_tokens: int, repeats: int = 5, warmup: int = 1
 ) -> Latency:
-    """Greedy decoding of ``new_tokens`` after prefilling ``input_ids`` (1, T), with the cache.
+    """Greedy decoding of ``new_tokens`` after prefilling ``input_ids`` (1, T), with the cache
+    (:func:`~kv_latent.evaluation.decoding.greedy_tokens`).
 
     TTFT is the prefill (which yields the first token); ms/token is the mean time of each later
-    step. Both are medians over ``repeats`` after ``warmup`` untimed runs. The loop is explicit
-    (not ``generate``) so neither number includes generation-utility overhead.
+    step. Both are medians over ``repeats`` after ``warmup`` untimed runs.
     """
     device = input_ids.device
     ttfts, per_token = [], []
     for run in range(warmup + repeats):
+        steps = greedy_tokens(model, input_ids, new_tokens=new_tokens)
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=input_ids, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)  # (1, 1)
+        next(steps)
         _sync(device)
         prefill_end = time.perf_counter()
-        cache = out.cache
-        for _ in range(new_tokens - 1):
-            out = model(input_ids=token, cache=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
+        for _ in steps:
+            pass
         _sync(device)
         end = time.perf_counter()
         if run >= warmup:

@@ -1,0 +1,97 @@
+"""Where a job's metrics go: a ``metrics.csv`` beside its record, and a W&B run (DESIGN.md §3.3).
+
+The W&B run is offline by default and never hangs a sweep: ``logger.mode=online`` gives W&B
+``logger.init_timeout`` seconds to reach its server, then logs offline with a warning that says
+how to sync the run later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kv_latent.config import LoggerConfig, LoggerName, WandbMode
+from kv_latent.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+METRICS_CSV = "metrics.csv"
+
+
+@dataclass
+class JobLoggers:
+    """The Lightning loggers of one job and its W&B run (None without W&B)."""
+
+    lightning: list[Any]
+    run: Any = None
+    offline_fallback: bool = field(default=False)
+    earlier_csv: Path | None = None  # a resumed job's rows from before the resume
+
+    def _merge_earlier_csv(self, csv: Path) -> None:
+        import pandas as pd
+
+        earlier, later = pd.read_csv(self.earlier_csv), pd.read_csv(csv)
+        merged = pd.concat([earlier[earlier["step"] < later["step"].min()], later], ignore_index=True)
+        atomic_write_text(csv, merged.to_csv(index=False))
+        self.earlier_csv.unlink()
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        """Log the record's final numbers, so the dashboard and the CSV end with them."""
+        final = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for logger in self.lightning:
+            logger.log_metrics(final)
+            logger.save()
+        if self.earlier_csv is not None:
+            self._merge_earlier_csv(Path(self.lightning[0].log_dir) / METRICS_CSV)
+        if self.run is not None:
+            self.run.summary.update(final)
+
+    def close(self) -> None:
+        """End the W&B run (the basic Hydra launcher runs every job of a sweep in one process)."""
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def job_loggers(
+    cfg: LoggerConfig, run_dir: Path, *, name: str, group: str | None, config: dict[str, Any], tags: list[str]
+) -> JobLoggers:
+    """A CSV logger into ``run_dir`` and, with ``logger.name=wandb``, a W&B run there too."""
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    # Lightning's CSV logger deletes an existing metrics.csv: a resumed job keeps its rows aside and
+    # merges them back at the end, so its curve covers the whole run.
+    earlier = Path(run_dir) / METRICS_CSV
+    kept = earlier.with_name(f".{METRICS_CSV}.before-resume")
+    if earlier.exists():
+        os.replace(earlier, kept)
+    csv = CSVLogger(save_dir=run_dir, name="", version="")
+    kept = kept if kept.exists() else None
+    if cfg.name == LoggerName.none or cfg.mode == WandbMode.disabled:
+        return JobLoggers([csv], earlier_csv=kept)
+    run, fallback = wandb_run(cfg, run_dir, name=name, group=group, config=config, tags=tags)
+    return JobLoggers([csv, WandbLogger(experiment=run)], run, fallback, kept)
+
+
+def wandb_run(
+    cfg: LoggerConfig, run_dir: Path, *, name: str, group: str | None, config: dict[str, Any], tags: list[str]
+) -> tuple[Any, bool]:
+    """Start the job's W&B run; return it and whether it fell back from online to offline."""
+    import wandb
+
+    kwargs = dict(project=cfg.project, entity=cfg.entity, name=name, group=group, tags=tags, config=config,
+                  dir=str(run_dir), reinit="finish_previous")
+    if cfg.mode == WandbMode.online:
+        try:
+            settings = wandb.Settings(init_timeout=cfg.init_timeout)
+            return wandb.init(mode="online", settings=settings, **kwargs), False
+        except Exception as err:  # wandb raises several types (CommError, UsageError, timeouts)
+            log.warning(
+                "W&B did not start online within logger.init_timeout=%.0f s (%s: %s); logging offline "
+                "instead. Sync later with `wandb sync %s/wandb/offline-run-*`.",
+                cfg.init_timeout, type(err).__name__, err, run_dir,
+            )
+            wandb.finish()
+    return wandb.init(mode="offline", **kwargs), cfg.mode == WandbMode.online

@@ -1,0 +1,75 @@
+"""W&B: an offline run read back from its file holds the job's group, tags, config and summary; online
+without a server falls back to offline within the timeout instead of hanging."""
+
+import json
+import struct
+import time
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+from kv_latent.config import LoggerConfig
+from kv_latent.tracking import job_loggers
+
+BLOCK = 32 * 1024
+HEADER = 7  # ":W&B" + magic + version
+
+
+def read_wandb_file(path: Path) -> list:
+    """The records of a ``.wandb`` transaction log (LevelDB log framing: 32 KiB blocks of chunks,
+    each ``crc32 (4) | length (2, little endian) | type (1)``, type 1 full, 2 first, 3 middle, 4 last)."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, pending = [], HEADER, b""
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:  # the block's tail is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def offline_run_file(run_dir: Path) -> Path:
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return path
+
+
+def test_an_offline_run_carries_group_tags_config_and_summary(tmp_path):
+    loggers = job_loggers(LoggerConfig(), tmp_path, name="tiny_mha/k32_v64", group="sweep_x",
+                          config={"kv": {"k_dim": 32, "v_dim": 64}}, tags=["k_dim=32", "rope=standard"])
+    loggers.lightning[1].log_metrics({"train/loss": 3.5}, step=1)
+    loggers.finish({"val/ppl": 37.5, "kv/ratio": 0.75, "note": "not a number"})
+    loggers.close()
+    records = read_wandb_file(offline_run_file(tmp_path))
+    (run,) = [r.run for r in records if r.HasField("run")]
+    assert run.run_group == "sweep_x" and list(run.tags) == ["k_dim=32", "rope=standard"]
+    assert run.display_name == "tiny_mha/k32_v64"
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["kv"] == {"k_dim": 32, "v_dim": 64}
+    summary = {item.key: item.value_json for r in records if r.HasField("summary") for item in r.summary.update}
+    assert float(summary["val/ppl"]) == 37.5 and "note" not in summary
+    assert "val/ppl" in (tmp_path / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_online_without_a_server_falls_back_to_offline_in_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    started = time.perf_counter()
+    loggers = job_loggers(LoggerConfig(mode="online", init_timeout=3), tmp_path, name="n", group=None,
+                          config={}, tags=[])
+    took = time.perf_counter() - started
+    assert loggers.offline_fallback and loggers.run.settings.mode == "offline"
+    loggers.close()
+    assert took < 60
+    assert offline_run_file(tmp_path).exists()
