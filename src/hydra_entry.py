@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,6 @@ OUTCOME_FILE = "job_outcome.json"  # in Hydra's job dir: which record a job wrot
 
 ConfigStore.instance().store(name="ablation_schema", node=AblationConfig)
 ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
-# Lightning's note that an IterableDataset has no length: ours is step-indexed and ends exactly.
-warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
-# Lightning's CSV logger on a resumed run (kv_latent.tracking keeps the earlier metrics.csv rows).
-warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 def typed(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:

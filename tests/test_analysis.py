@@ -8,6 +8,7 @@ metrics.csv, and one pair of records differing in each ablated key.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -217,6 +218,15 @@ def test_wandb_logging_runs_offline(tmp_path, monkeypatch):
     assert wandb.run is None  # finished
 
 
+def test_a_corrupt_record_is_skipped_with_a_warning(tmp_path, caplog):
+    shutil.copytree(FIXTURES, tmp_path / "records")
+    broken = next((tmp_path / "records").rglob("record.json"))
+    broken.write_text(broken.read_text()[:100])
+    runs = load_records([tmp_path / "records"])
+    assert len(runs.frame) == len(RECORDS) - 1
+    assert f"skipping {broken} is not valid JSON" in caplog.text
+
+
 def test_no_records_still_makes_the_math_artefacts(tmp_path):
     make_tables.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
     made = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
@@ -251,7 +261,7 @@ def test_experiment_composes(name):
     from omegaconf import OmegaConf
 
     from conftest import compose_config
-    from kv_latent.config import check_ablation
+    from kv_latent.rules import check_ablation
 
     overrides = [f"+experiment={name}"]  # found through conf/experiment -> experiments/
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kv_latent
-from kv_latent.config import ConfigError, ModelConfig, check_kv_dims
+from kv_latent.config import ConfigError, ModelConfig
+from kv_latent.rules import check_kv_dims
 from kv_latent.evaluation.efficiency import kv_bytes_per_token, measured_kv_bytes_per_token
 from kv_latent.modeling import KVLatentForCausalLM
 from kv_latent.rope import autocorrelation, inv_freq

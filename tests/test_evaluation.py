@@ -172,6 +172,27 @@ def test_offline_suite_on_a_tiny_model(cache, models, tokenizer, caplog):
     assert 0 <= metrics["eval/kvl_mmlu/acc"] <= 1
 
 
+def test_one_progress_bar_and_the_very_results_of_stock_lm_eval(cache, models, tokenizer, capfd):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    student, _ = models
+    include_path = lm_eval_tasks.suite_dir(cache)
+    ours = run_lm_eval(student, tokenizer, OFFLINE_TASKS, include_path=include_path, limit=2, batch_size=4, seed=0,
+                       desc="lm-eval (test)")
+    console = capfd.readouterr().err
+    stock = simple_evaluate(
+        model=HFLM(pretrained=student, tokenizer=tokenizer, backend="causal", batch_size=4), tasks=list(OFFLINE_TASKS),
+        num_fewshot=0, limit=2, task_manager=lm_eval_tasks.task_manager(OFFLINE_TASKS, include_path),
+        log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+    )  # fmt: skip
+    assert ours == lm_eval_tasks.flatten_results(stock)
+    # 2 documents of kvl_ppl, 2 of kvl_cloze, 2 x 4 choices of kvl_continuation and of kvl_mmlu.
+    assert "lm-eval (test): 100%" in console and "20/20" in console
+    for gone in ("Running loglikelihood requests", "Tokenizing inputs", "Generating test split"):
+        assert gone not in console
+
+
 # ---------------------------------------------------------------------------- needle
 
 

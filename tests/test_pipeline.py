@@ -185,28 +185,31 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path, cache_dir, caplog):
 
 
 @pytest.mark.slow
-def test_killed_job_resumes_to_the_uninterrupted_weights(tmp_path, cache_dir):
-    """SIGKILL a job after its first checkpoint, relaunch the same command: same final weights."""
+@pytest.mark.parametrize("signal_name,status", [("SIGKILL", -9), ("SIGTERM", 143)])
+def test_killed_job_resumes_to_the_uninterrupted_weights(tmp_path, cache_dir, signal_name, status):
+    """Kill a job (SIGKILL: at once; SIGTERM: it checkpoints where it is and exits 143) after its
+    first checkpoint, relaunch the same command: the same final weights as an uninterrupted run,
+    and a training curve that covers the whole run."""
     import signal
 
+    import pandas as pd
     import torch
     from safetensors.torch import load_file
 
     def command(root: Path) -> list[str]:
-        return _command(root, cache_dir, "train.tokens=19200", "train.checkpoint_every=30")
+        return _command(root, cache_dir, "train.tokens=19200", "train.checkpoint_every=30", "train.log_every=1")
 
-    repo = ROOT
-    subprocess.run(command(tmp_path / "a"), cwd=repo, check=True, capture_output=True)
+    subprocess.run(command(tmp_path / "a"), cwd=ROOT, check=True, capture_output=True)
     (record_a,) = (tmp_path / "a").rglob("record.json")
 
-    proc = subprocess.Popen(command(tmp_path / "b"), cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(tmp_path / "b"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list((tmp_path / "b").rglob("last.ckpt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, getattr(signal, signal_name))
+    assert proc.wait(timeout=300) == status
     assert not list((tmp_path / "b").rglob("record.json")), "the job finished before it could be killed"
-    subprocess.run(command(tmp_path / "b"), cwd=repo, check=True, capture_output=True)
+    subprocess.run(command(tmp_path / "b"), cwd=ROOT, check=True, capture_output=True)
     (record_b,) = (tmp_path / "b").rglob("record.json")
 
     b = json.loads(record_b.read_text())
@@ -216,6 +219,8 @@ def test_killed_job_resumes_to_the_uninterrupted_weights(tmp_path, cache_dir):
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         assert torch.equal(weights_a[name], weights_b[name]), name
+    curve = pd.read_csv(record_b.parent / "metrics.csv")
+    assert curve["step"].min() < b["metrics"]["train/resumed_from_step"]  # rows from before the kill kept
 
 
 @pytest.mark.parametrize("launcher,target", [("joblib", "JoblibLauncher"), ("slurm", "SlurmLauncher")])

@@ -1,9 +1,12 @@
 """W&B: an offline run read back from its file holds the job's group, tags, config and summary; online
-without a server falls back to offline within the timeout instead of hanging."""
+without a server falls back to offline within the timeout instead of hanging; closing a run says in
+one line how to sync it, without W&B's history and summary dump."""
 
 import json
+import logging
 import struct
 import time
+import warnings
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -73,3 +76,21 @@ def test_online_without_a_server_falls_back_to_offline_in_time(tmp_path, monkeyp
     loggers.close()
     assert took < 60
     assert offline_run_file(tmp_path).exists()
+
+
+def test_closing_an_offline_run_says_how_to_sync_it_in_one_line(tmp_path, caplog, capfd):
+    (tmp_path / ".lock").write_text("a run dir is never empty")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loggers = job_loggers(LoggerConfig(), tmp_path, name="n", group=None, config={}, tags=[])
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    loggers.lightning[1].log_metrics({"train/loss": 3.5}, step=1)
+    loggers.finish({"val/ppl": 37.5})
+    with caplog.at_level(logging.INFO, logger="kv_latent.tracking"):
+        loggers.close()
+    run_dir = offline_run_file(tmp_path).parent
+    assert [r.getMessage() for r in caplog.records if r.name == "kv_latent.tracking"] == [
+        f"W&B run saved offline; upload it with `wandb sync {run_dir}`"
+    ]
+    console = capfd.readouterr()
+    assert "Run history" not in console.err + console.out and "Run summary" not in console.err + console.out

@@ -3,6 +3,7 @@ after a crash or a signal (in process, and SIGTERM to a real process), DDP."""
 
 import copy
 import json
+import logging
 import math
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -259,6 +261,46 @@ def test_fit_bf16_auto_precision(tmp_path):
         trainer_cfg=trainer_cfg, run_dir=tmp_path,
     )  # fmt: skip
     assert math.isfinite(metrics["train/loss"])
+
+
+# What fit used to print, none of which a user can act on (the first two are raised by peft and
+# by Lightning's pytree helper, the last by peft when it merges LoRA into a tied-embedding model).
+SILENCED = ("`is_gradient_checkpointing` is deprecated", "`isinstance(treespec, LeafSpec)` is deprecated",
+            "`IterableDataset` has `__len__` defined", "Input and output embeddings are no longer tied")
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_fit_says_one_line_and_hides_notes_no_user_can_act_on(tmp_path, caplog):
+    teacher = tiny_teacher()
+    teacher.config.tie_word_embeddings = True
+    teacher.tie_weights()
+    lightning = Records()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).addHandler(lightning)
+    try:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="kv_latent"):
+            warnings.simplefilter("always")
+            student, _ = fit(tiny_student(teacher), teacher=teacher, train_blocks=blocks(), cfg=cfg(),
+                             trainer_cfg=CPU32, run_dir=tmp_path / "tiny" / "run")
+    finally:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).removeHandler(lightning)
+    ours = [r.getMessage() for r in caplog.records if r.name == "kv_latent.training.fit"]
+    assert ours == ["training tiny/run on cpu, 32-true, 6 steps of 4x32 tokens"]
+    notes = [r.getMessage() for r in lightning.records if r.name in fit_module.LIGHTNING_NOTES]
+    assert notes == []  # "GPU available", "`Trainer.fit` stopped", the litlogger tip, ...
+    assert not [str(w.message) for w in caught if str(w.message).startswith(SILENCED)]
+    assert student.lm_head.weight is student.model.embed_tokens.weight  # re-tied after the merge
+    for name in fit_module.LIGHTNING_NOTES:
+        assert logging.getLogger(name).level == logging.NOTSET  # restored
 
 
 RESUME_STEPS = 8

@@ -1,11 +1,10 @@
-"""Typed configuration: one dataclass per config group, and the rules between groups (DESIGN.md §3.1).
+"""Typed configuration: one dataclass per config group (DESIGN.md §3.1).
 
 These dataclasses are the schema of ``conf/``. The entry points register them with Hydra, so a
 wrong type, an unknown key or an unknown choice is rejected while the config is composed, naming
 the key; ``OmegaConf.to_object`` then builds the dataclasses, whose ``__post_init__`` checks each
-group's own ranges; :func:`check_ablation` and :func:`check_pretrain` check the rules that span
-groups. All of it runs before any model loads, and every error names the key at fault and what
-would be right. Defaults live here only: the YAML files of ``conf/`` hold what differs.
+group's own ranges; :mod:`kv_latent.rules` checks the rules that span groups. All of it runs
+before any model loads, and every error names the key at fault and what would be right. Defaults live here only: the YAML files of ``conf/`` hold what differs.
 
 The library never sees a ``DictConfig``: it takes these dataclasses or plain arguments.
 """
@@ -111,31 +110,6 @@ class RopeConfig:
 @dataclass
 class GQAConfig:
     mode: GQAMode = GQAMode.keep
-
-
-def check_kv_dims(
-    *,
-    k_dim: int,
-    v_dim: int,
-    head_dim: int,
-    init: str = "strided",
-    schedule: str = "standard",
-    at_full_dim: bool = False,
-) -> None:
-    """The KV-Latent dimension rules; raise :class:`ConfigError` naming the offending key."""
-    for key, dim in (("kv.k_dim", k_dim), ("kv.v_dim", v_dim)):
-        if not 0 < dim <= head_dim:
-            raise ConfigError(f"{key}={dim} must be in 1..{head_dim} (the model's head_dim)")
-        if init == "strided" and head_dim % dim:
-            divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
-            raise ConfigError(f"{key}={dim} must divide head_dim={head_dim} for kv.init=strided; allowed: {divisors}")
-    if k_dim % 2:
-        raise ConfigError(f"kv.k_dim={k_dim} must be even: RoPE rotates channel pairs")
-    rope_applies = k_dim != head_dim or at_full_dim
-    if schedule == "freq_aware" and rope_applies and k_dim % 4:
-        raise ConfigError(
-            f"kv.k_dim={k_dim} must be a multiple of 4 for rope.schedule=freq_aware (or use rope=standard)"
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,79 +461,3 @@ class PretrainConfig:
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(name=LoggerName.none))
     output_root: str = "outputs"
     cache_dir: str = "~/.cache/kv_latent"
-
-
-def _check_windows(model: ModelConfig, train: TrainConfig, data: DataConfig, prefix: str = "") -> None:
-    if train.seq_len > model.max_position_embeddings:
-        raise ConfigError(
-            f"{prefix}train.seq_len={train.seq_len} exceeds the context of model {model.name!r} "
-            f"(model.max_position_embeddings={model.max_position_embeddings}); use at most that"
-        )
-    if data.seq_len != train.seq_len:
-        raise ConfigError(f"{prefix}data.seq_len={data.seq_len} must equal {prefix}train.seq_len={train.seq_len}")
-    budget = train.budget_tokens(model.pretrain_tokens)
-    if budget < train.tokens_per_step * len(train.stages):
-        raise ConfigError(
-            f"the budget of {budget} tokens ({prefix}train.tokens / {prefix}train.pretrain_fraction) is less "
-            f"than one step of {train.tokens_per_step} tokens ({prefix}train.batch_size x {prefix}train.seq_len) "
-            f"per stage of {[str(s) for s in train.stages]}"
-        )
-
-
-def _check_devices(trainer: TrainerConfig, train: TrainConfig, prefix: str = "") -> None:
-    if trainer.wants_cuda:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.accelerator={trainer.accelerator} but no CUDA device is visible; use trainer=cpu")
-    if isinstance(trainer.devices, int) and train.batch_size % trainer.devices:
-        raise ConfigError(
-            f"{prefix}train.batch_size={train.batch_size} must be divisible by trainer.devices={trainer.devices} "
-            "(it is the global batch)"
-        )
-
-
-def check_ablation(cfg: AblationConfig) -> AblationConfig:
-    """The rules between groups of an ablation job; return ``cfg`` or raise :class:`ConfigError`."""
-    m = cfg.model
-    if cfg.train.pretraining:
-        raise ConfigError(
-            "train.stages=[pretrain] builds a base model, which is its own workflow: "
-            "python src/pretrain.py recipe=<recipe> model=<name> (conf/pretrain.yaml, conf/recipe/)"
-        )
-    check_kv_dims(k_dim=cfg.kv.k_dim, v_dim=cfg.kv.v_dim, head_dim=m.head_dim, init=cfg.kv.init,
-                  schedule=cfg.rope.schedule, at_full_dim=cfg.rope.at_full_dim)
-    _check_windows(m, cfg.train, cfg.data)
-    _check_devices(cfg.trainer, cfg.train)
-    cfg.eval.check_context(m.max_position_embeddings)
-    _check_tasks(cfg.eval.tasks)
-    return cfg
-
-
-def check_pretrain(cfg: PretrainConfig) -> PretrainConfig:
-    """The rules between groups of a base-model recipe; return ``cfg`` or raise :class:`ConfigError`."""
-    if not cfg.steps:
-        raise ConfigError("steps is empty: a base-model recipe needs at least one step")
-    if cfg.init == PretrainInit.scratch and not cfg.model.arch:
-        raise ConfigError(f"init=scratch builds model {cfg.model.name!r} from model.arch, which is not set")
-    names = [s.name for s in cfg.steps]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"steps have repeated names {names}; each step's name must be unique")
-    for i, step in enumerate(cfg.steps):
-        prefix = f"steps[{i}]."
-        if not step.train.pretraining:
-            raise ConfigError(f"{prefix}train.stages={[str(s) for s in step.train.stages]} must be [pretrain]")
-        _check_windows(cfg.model, step.train, step.data, prefix)
-        _check_devices(cfg.trainer, step.train, prefix)
-    return cfg
-
-
-def _check_tasks(tasks: list[str]) -> None:
-    from kv_latent.evaluation.lm_eval_tasks import OFFLINE_TASKS, unknown_tasks
-
-    unknown = unknown_tasks(tasks)
-    if unknown:
-        raise ConfigError(
-            f"eval.tasks names unknown task(s) {unknown}; the offline suite is {list(OFFLINE_TASKS)}, "
-            "other names must be lm-eval tasks"
-        )

@@ -20,7 +20,8 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from kv_latent import base_models, records
-from kv_latent.config import AblationConfig, check_ablation
+from kv_latent.config import AblationConfig
+from kv_latent.rules import check_ablation
 from kv_latent.data.blocks import load_blocks
 from kv_latent.evaluation.baselines import cached_baseline
 from kv_latent.evaluation.efficiency import kv_bytes_per_token

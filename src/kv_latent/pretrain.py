@@ -25,7 +25,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from kv_latent import base_models, records
-from kv_latent.config import PretrainConfig, PretrainInit, check_pretrain
+from kv_latent.config import PretrainConfig, PretrainInit
+from kv_latent.rules import check_pretrain
 from kv_latent.data.blocks import load_blocks
 from kv_latent.data.tokenizer import load_tokenizer
 from kv_latent.evaluation.baselines import model_fingerprint

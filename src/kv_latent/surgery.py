@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from kv_latent.config import check_kv_dims
+from kv_latent.rules import check_kv_dims
 from kv_latent.modeling import KVLatentConfig, KVLatentForCausalLM
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", KVLatentConfig.model_type)
@@ -112,14 +112,8 @@ def build_student(
     config = student_config(original, k_dim=k_dim, v_dim=v_dim, rope=rope, rope_at_full_dim=rope_at_full_dim)
     n_h, n_kv, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     for layer_k, layer_v in zip(config.k_dim, config.v_dim):
-        check_kv_dims(
-            k_dim=layer_k,
-            v_dim=layer_v,
-            head_dim=head_dim,
-            init=init,
-            schedule=rope,
-            at_full_dim=rope_at_full_dim,
-        )
+        check_kv_dims(k_dim=layer_k, v_dim=layer_v, head_dim=head_dim, init=init, schedule=rope,
+                      at_full_dim=rope_at_full_dim)
     original_dims = getattr(original.config, "k_dim", None), getattr(original.config, "v_dim", None)
     if any(dims is not None and dims != [head_dim] * config.num_hidden_layers for dims in original_dims):
         raise ValueError("the original model is already reduced; start surgery from a full-dim model")

@@ -2,13 +2,15 @@
 
 The W&B run is offline by default and never hangs a sweep: ``logger.mode=online`` gives W&B
 ``logger.init_timeout`` seconds to reach its server, then logs offline with a warning that says
-how to sync the run later.
+how to sync the run later. W&B runs quiet (no history and summary dump at the end of each job);
+closing a run logs one line with its page, or for an offline run its directory and how to sync it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +51,19 @@ class JobLoggers:
             self.run.summary.update(final)
 
     def close(self) -> None:
-        """End the W&B run (the basic Hydra launcher runs every job of a sweep in one process)."""
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
+        """End the W&B run (the basic Hydra launcher runs every job of a sweep in one process) and
+        log where it is: its page, or for an offline run its directory and the command that
+        uploads it."""
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        offline = run.settings.mode == "offline"
+        where = run.settings.sync_dir if offline else run.url  # an offline run's url is a warning
+        run.finish()
+        if offline:
+            log.info("W&B run saved offline; upload it with `wandb sync %s`", where)
+        else:
+            log.info("W&B run: %s", where)
 
 
 def job_loggers(
@@ -67,8 +78,13 @@ def job_loggers(
     kept = earlier.with_name(f".{METRICS_CSV}.before-resume")
     if earlier.exists():
         os.replace(earlier, kept)
-    csv = CSVLogger(save_dir=run_dir, name="", version="")
     kept = kept if kept.exists() else None
+    csv = CSVLogger(save_dir=run_dir, name="", version="")
+    with warnings.catch_warnings():
+        # Lightning's note that the run dir is not empty: it never is (its lock, W&B's files), and
+        # the only log file Lightning would replace, metrics.csv, is set aside above.
+        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+        csv.experiment  # made now, under that filter, rather than at the first logged metric
     if cfg.name == LoggerName.none or cfg.mode == WandbMode.disabled:
         return JobLoggers([csv], earlier_csv=kept)
     run, fallback = wandb_run(cfg, run_dir, name=name, group=group, config=config, tags=tags)
@@ -78,14 +94,15 @@ def job_loggers(
 def wandb_run(
     cfg: LoggerConfig, run_dir: Path, *, name: str, group: str | None, config: dict[str, Any], tags: list[str]
 ) -> tuple[Any, bool]:
-    """Start the job's W&B run; return it and whether it fell back from online to offline."""
+    """Start the job's W&B run, quiet (W&B's own warnings and errors still show); return it and
+    whether it fell back from online to offline."""
     import wandb
 
     kwargs = dict(project=cfg.project, entity=cfg.entity, name=name, group=group, tags=tags, config=config,
                   dir=str(run_dir), reinit="finish_previous")
     if cfg.mode == WandbMode.online:
         try:
-            settings = wandb.Settings(init_timeout=cfg.init_timeout)
+            settings = wandb.Settings(init_timeout=cfg.init_timeout, quiet=True)
             return wandb.init(mode="online", settings=settings, **kwargs), False
         except Exception as err:  # wandb raises several types (CommError, UsageError, timeouts)
             log.warning(
@@ -94,4 +111,4 @@ def wandb_run(
                 cfg.init_timeout, type(err).__name__, err, run_dir,
             )
             wandb.finish()
-    return wandb.init(mode="offline", **kwargs), cfg.mode == WandbMode.online
+    return wandb.init(mode="offline", settings=wandb.Settings(quiet=True), **kwargs), cfg.mode == WandbMode.online

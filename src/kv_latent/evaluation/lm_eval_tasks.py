@@ -30,10 +30,12 @@ import zipfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
 
 from kv_latent.data.corpus import Document, cache_root, load_documents
 from kv_latent.data.sources import SourcePackage, fetch_source_package
@@ -196,14 +198,14 @@ def _write_suite(staging: Path, target: Path, cache_dir: str | os.PathLike | Non
 # --------------------------------------------------------------------------------------------
 
 
-def task_manager(tasks: Sequence[str], include_path: Path | None = None):
-    """An lm-eval ``TaskManager`` that knows ``tasks``: the offline suite alone loads in under a
-    second; lm-eval's own (hub) tasks are indexed only when a task needs them."""
+def task_manager(tasks: Sequence[str], include_path: Path | None = None, *, cls: type | None = None):
+    """An lm-eval ``TaskManager`` (or ``cls``, a subclass) that knows ``tasks``: the offline suite
+    alone loads in under a second; lm-eval's own (hub) tasks are indexed only when a task needs them."""
     from lm_eval.tasks import TaskManager
 
     hub = any(t not in OFFLINE_TASKS for t in tasks)
     paths = [str(include_path)] if include_path is not None else None
-    return TaskManager(include_defaults=hub, include_path=paths)
+    return (cls or TaskManager)(include_defaults=hub, include_path=paths)
 
 
 def unknown_tasks(tasks: Sequence[str]) -> list[str]:
@@ -252,19 +254,94 @@ class _DropExpected(logging.Filter):
 
 
 @contextmanager
-def _lm_eval_logging() -> Iterator[None]:
-    """lm-eval's log while it runs: its warnings, without its INFO lines (selected tasks, seeds,
-    phases; its progress bars stay) and without the HFLM warnings that our use is expected to
-    raise. ``LMEVAL_LOG_LEVEL``, lm-eval's own variable, sets another level."""
+def _lm_eval_console() -> Iterator[None]:
+    """lm-eval's console while it runs: its warnings, without its INFO lines (selected tasks,
+    seeds, phases), without the HFLM warnings that our use is expected to raise, and without the
+    progress bars of ``datasets`` (loading each task's split). ``LMEVAL_LOG_LEVEL``, lm-eval's own
+    variable, sets another level."""
+    import datasets
+
     logger, hflm = logging.getLogger("lm_eval"), logging.getLogger("lm_eval.models.huggingface")
-    level, drop = logger.level, _DropExpected()
+    level, drop, bars = logger.level, _DropExpected(), datasets.is_progress_bar_enabled()
     logger.setLevel(os.environ.get("LMEVAL_LOG_LEVEL", "").upper() or logging.WARNING)
     hflm.addFilter(drop)
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
+        if bars:
+            datasets.enable_progress_bars()
         hflm.removeFilter(drop)
         logger.setLevel(level)
+
+
+@lru_cache(maxsize=1)
+def _progress_classes() -> tuple[type, type, type]:
+    """lm-eval's HFLM, TaskManager and CacheHook, made to show a run as one progress bar (see
+    :func:`run_lm_eval`). Built on first use: importing this module does not import lm-eval."""
+    from lm_eval.api.model import CacheHook
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    class QuietHFLM(HFLM):
+        """HFLM without its own progress bars (lm-eval's ``disable_tqdm``, which its evaluator
+        never sets and its rolling loglikelihood sets to False for each batch of windows), which
+        opens the run's bar instead when it gets its first requests."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            self.cache_hook.open()
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            self.cache_hook.open()
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            self.cache_hook.open()
+            return super().generate_until(requests, disable_tqdm=True)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+
+    class KeepingTaskManager(TaskManager):
+        """A TaskManager that keeps the tasks it loaded for a run, so their requests can be counted."""
+
+        def load(self, *args, **kwargs):
+            self.loaded = super().load(*args, **kwargs)
+            return self.loaded
+
+    class RequestProgress(CacheHook):
+        """One progress bar, ``desc``, over the requests of the tasks ``tasks`` loaded: opened when
+        the model gets its first requests (lm-eval has built those of every task by then), ticked
+        through the hook by which an lm-eval model reports each answered request (made for its
+        response cache, which this run does not use), closed at the last or on leaving ``with``."""
+
+        def __init__(self, desc: str, tasks: KeepingTaskManager):
+            super().__init__(None)
+            self.desc, self.tasks, self.bar = desc, tasks, None
+
+        def open(self) -> None:
+            if self.bar is None:
+                tasks = self.tasks.loaded["tasks"].values()
+                total = sum(request.repeats for task in tasks for request in task.instances)
+                self.bar = tqdm(total=total, desc=self.desc, unit="request")
+
+        def add_partial(self, attr: str, req, res) -> None:
+            self.bar.update(1)
+            if self.bar.n == self.bar.total:
+                self.close()
+
+        def close(self) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+        def __enter__(self) -> "RequestProgress":
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.close()
+
+    return QuietHFLM, KeepingTaskManager, RequestProgress
 
 
 def run_lm_eval(
@@ -277,28 +354,38 @@ def run_lm_eval(
     batch_size: int,
     seed: int,
     prefix: str = "eval",
+    desc: str = "lm-eval",
 ) -> dict[str, float | None]:
     """Evaluate an in-memory causal LM on ``tasks`` zero-shot with lm-eval; flat metrics (see
-    :func:`flatten_results`). ``include_path`` is the prepared offline suite (:func:`prepare_tasks`)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    :func:`flatten_results`). ``include_path`` is the prepared offline suite (:func:`prepare_tasks`).
 
+    On the console the run is one progress bar, ``desc``, over its requests. Two kinds of lm-eval's
+    own bars stay, as lm-eval has no switch for them: one per task while it builds the task's
+    requests (before the run's bar), and one per bootstrapped stderr, after its line
+    "bootstrapping for stddev: <metric>".
+    """
+    from lm_eval import simple_evaluate
+
+    quiet_hflm, keeping_task_manager, request_progress = _progress_classes()
     was_training = model.training
     try:
-        with _lm_eval_logging():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
-            results = simple_evaluate(
-                model=lm,
-                tasks=list(tasks),
-                num_fewshot=0,
-                limit=limit,
-                task_manager=task_manager(tasks, include_path),
-                log_samples=False,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
+        with _lm_eval_console():
+            manager = task_manager(tasks, include_path, cls=keeping_task_manager)
+            lm = quiet_hflm(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+            with request_progress(desc, manager) as progress:
+                lm.set_cache_hook(progress)
+                results = simple_evaluate(
+                    model=lm,
+                    tasks=list(tasks),
+                    num_fewshot=0,
+                    limit=limit,
+                    task_manager=manager,
+                    log_samples=False,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                )
     finally:
         model.train(was_training)
     return flatten_results(results, prefix)

@@ -27,11 +27,13 @@ from kv_latent.evaluation.needle import haystack_tokens, needle_grid
 def model_metrics(
     model, tokenizer, cfg: EvalConfig, *, include_path: Path | None, texts: list[str], prefix: str = ""
 ) -> dict[str, float | None]:
-    """lm-eval and needle metrics of one model: ``<prefix>eval/...`` and ``<prefix>needle/...``."""
+    """lm-eval and needle metrics of one model: ``<prefix>eval/...`` and ``<prefix>needle/...``;
+    a progress bar each, ``<prefix>lm-eval`` and ``<prefix>needle``."""
     metrics: dict[str, float | None] = {}
     if cfg.tasks:
         metrics |= run_lm_eval(model, tokenizer, cfg.tasks, include_path=include_path, limit=cfg.limit,
-                               batch_size=cfg.batch_size, seed=cfg.seed, prefix=f"{prefix}eval")
+                               batch_size=cfg.batch_size, seed=cfg.seed, prefix=f"{prefix}eval",
+                               desc=f"{prefix}lm-eval")
     if cfg.needle.enabled:
         n = cfg.needle
         metrics |= needle_grid(model, tokenizer, texts, context_lengths=n.context_lengths, depths=n.depths,

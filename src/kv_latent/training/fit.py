@@ -9,9 +9,12 @@ weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
@@ -28,8 +32,12 @@ from kv_latent.data.batches import StepBatches
 from kv_latent.training.module import RetrainModule, as_plain
 from kv_latent.training.preemption import CheckpointOnSignal, TrainingInterrupted
 
+log = logging.getLogger(__name__)
+
 # Settings that may change between a checkpoint and its resumption without changing the result.
 RESUMABLE_CHANGES = ("checkpoint_every", "log_every")
+# Where Lightning's rank-zero notes go (``rank_zero_info``): while :func:`fit` runs, only its warnings.
+LIGHTNING_NOTES = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
 class CheckpointError(RuntimeError):
@@ -112,6 +120,45 @@ class _StepLoader(DataLoader):
         pass
 
 
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's console while :func:`fit` builds its Trainer and trains, without what means
+    nothing to the user.
+
+    Hidden: Lightning's rank-zero INFO notes (the precision and devices it uses and that it
+    resumes from ``last.ckpt``, which :func:`fit` says in one line of its own; a tip about
+    Lightning's cloud logger; that fit stopped at ``max_steps``), its note that our
+    IterableDataset has a length (:class:`StepBatches` ends exactly), and torch's deprecation of
+    ``LeafSpec``, which Lightning's own pytree helper triggers. Lightning's warnings, its progress
+    bar and its other messages stay.
+    """
+    loggers = [logging.getLogger(name) for name in LIGHTNING_NOTES]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined")
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+@rank_zero_only
+def _log_start(trainer: L.Trainer, run_dir: Path, cfg: TrainConfig, *, total_steps: int, start_step: int) -> None:
+    """One line for what Lightning would say in five: the run, its devices, precision and budget."""
+    devices = trainer.num_devices * trainer.num_nodes
+    kind = trainer.strategy.root_device.type
+    strategy = type(trainer.strategy).__name__.removesuffix("Strategy")
+    where = kind if devices == 1 else f"{devices} {kind} devices ({strategy})"
+    resume = f", resuming at step {start_step} from {run_dir / 'checkpoints' / 'last.ckpt'}" if start_step else ""
+    log.info("training %s/%s on %s, %s, %d steps of %dx%d tokens%s", run_dir.parent.name, run_dir.name, where,
+             trainer.precision, total_steps, cfg.batch_size, cfg.seq_len, resume)
+
+
 def check_checkpoint(path: Path, cfg: TrainConfig, *, total_steps: int) -> int:
     """Check that ``path`` is a readable checkpoint of this very recipe; return its global step.
 
@@ -163,6 +210,9 @@ def fit(
     ``train/tokens``, ``train/steps``, ``train/wall_time_s``, ``train/tokens_per_s`` (of this call),
     ``train/resumed_from_step`` and the last logged ``train/*`` values. Validation is the
     caller's: :func:`kv_latent.evaluation.perplexity.perplexity` on the returned student.
+
+    On the console: one line of this module's log (run, devices, precision, steps) and
+    Lightning's progress bar; Lightning's own notes are held back by :func:`quiet_lightning`.
     """
     total_steps = cfg.total_steps(pretrain_tokens)
     if train_blocks.ndim != 2 or train_blocks.shape[1] != cfg.seq_len:
@@ -183,29 +233,31 @@ def fit(
         enable_version_counter=False,  # always overwrite last.ckpt, never write last-v1.ckpt
     )
     on_signal = CheckpointOnSignal(last)
-    trainer = L.Trainer(
-        accelerator=str(trainer_cfg.accelerator),
-        devices=trainer_cfg.devices,
-        strategy=trainer_cfg.strategy,
-        num_nodes=trainer_cfg.num_nodes,
-        precision=resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator),
-        max_steps=total_steps,
-        max_epochs=1,  # StepBatches yields exactly the remaining steps; never start over
-        gradient_clip_val=cfg.grad_clip or None,
-        log_every_n_steps=cfg.log_every,
-        logger=list(loggers) or False,
-        callbacks=[checkpointing, on_signal],
-        enable_progress_bar=trainer_cfg.enable_progress_bar,
-        enable_model_summary=False,
-        default_root_dir=run_dir,
-    )
-    started = time.perf_counter()
-    with on_signal.holding_signals():
-        try:
-            trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None)
-        except SIGTERMException:
-            pass  # Lightning stopped at a step boundary, and on_signal wrote last.ckpt there
-    wall = time.perf_counter() - started
+    with quiet_lightning():
+        trainer = L.Trainer(
+            accelerator=str(trainer_cfg.accelerator),
+            devices=trainer_cfg.devices,
+            strategy=trainer_cfg.strategy,
+            num_nodes=trainer_cfg.num_nodes,
+            precision=resolve_precision(trainer_cfg.precision, trainer_cfg.accelerator),
+            max_steps=total_steps,
+            max_epochs=1,  # StepBatches yields exactly the remaining steps; never start over
+            gradient_clip_val=cfg.grad_clip or None,
+            log_every_n_steps=cfg.log_every,
+            logger=list(loggers) or False,
+            callbacks=[checkpointing, on_signal],
+            enable_progress_bar=trainer_cfg.enable_progress_bar,
+            enable_model_summary=False,
+            default_root_dir=run_dir,
+        )
+        _log_start(trainer, Path(run_dir), cfg, total_steps=total_steps, start_step=start_step)
+        started = time.perf_counter()
+        with on_signal.holding_signals():
+            try:
+                trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None)
+            except SIGTERMException:
+                pass  # Lightning stopped at a step boundary, and on_signal wrote last.ckpt there
+        wall = time.perf_counter() - started
     # A half-trained student must not pass for a finished one. (``train/tokens`` rather than
     # ``trainer.global_step``: only metrics come back from spawned ranks.)
     tokens_done = trainer.callback_metrics.get("train/tokens")

@@ -8,6 +8,7 @@ given by :meth:`kv_latent.config.TrainConfig.stage_at`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict
 from functools import partial
 from typing import Any
@@ -54,7 +55,10 @@ def prepare_student(student: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Modu
         lora = LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(MLP_PROJECTIONS), lora_dropout=0.0
         )
-        student = get_peft_model(student, lora)  # only the adapters are trainable after this
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated alias of is_activation_checkpointing.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            student = get_peft_model(student, lora)  # only the adapters are trainable after this
     for name, module in student.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ATTENTION_PROJECTIONS or (cfg.train_norms and leaf in NORMS):
@@ -92,10 +96,14 @@ class RetrainModule(L.LightningModule):
         if not isinstance(self.student, PeftModel):
             return self.student.requires_grad_(False).eval()
         tied = self.student.get_base_model().config.tie_word_embeddings
-        student = self.student.merge_and_unload()
+        # peft unties embeddings when merging (and warns that it did), although LoRA never touches
+        # them (both stay frozen and equal); they are re-tied here, so the saved student is as
+        # small as the original.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied after merging",
+                                    category=UserWarning)
+            student = self.student.merge_and_unload()
         if tied:
-            # peft unties embeddings when merging, although LoRA never touches them (both stay
-            # frozen and equal); re-tie so the saved student is as small as the original.
             student.config.tie_word_embeddings = True
             student.tie_weights()
         return student.requires_grad_(False).eval()
