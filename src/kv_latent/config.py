@@ -31,7 +31,8 @@ def _choices(name: str, values) -> type[StrEnum]:
 
 # Choices, checked by the schema. Enum members are ``str``s: ``RopeSchedule.standard == "standard"``.
 RopeSchedule = _choices("RopeSchedule", ROPE_SCHEDULES)
-KVInit = _choices("KVInit", ["strided"])
+QKInit = _choices("QKInit", ["strided", "freq_matched", "qk_energy"])
+VOInit = _choices("VOInit", ["strided", "pca"])
 GQAMode = _choices("GQAMode", ["keep"])
 ModelSource = _choices("ModelSource", ["embedded", "smollm2_gguf", "hf"])
 DType = _choices("DType", ["float32", "bfloat16", "float16"])
@@ -44,6 +45,7 @@ LoggerName = _choices("LoggerName", ["wandb", "none"])
 WandbMode = _choices("WandbMode", ["offline", "online", "disabled"])
 
 TEACHER_STAGES = frozenset({"intra", "kd"})
+CALIBRATED_INITS = frozenset({"qk_energy", "pca"})  # inits that need kv_latent.calibration statistics
 RETRAIN_RECIPES = [["intra"], ["ntp"], ["kd"], ["intra", "ntp"], ["intra", "kd"]]
 RECALL_MIN_SEQ_LEN = 16  # room for a few periods of the shortest repeat document
 RECALL_FACT_MIN_SEQ_LEN = 128  # room for a fact, its query and a repeat besides the prose
@@ -92,11 +94,32 @@ class ModelConfig:
 
 @dataclass
 class KVConfig:
-    """Reduced per-head dims: ``k_dim`` is d_qk (queries and keys), ``v_dim`` is d_vo (DESIGN.md §2.1)."""
+    """Reduced per-head dims: ``k_dim`` is d_qk (queries and keys), ``v_dim`` is d_vo (DESIGN.md §2.1),
+    and how the reduced weights are initialised: ``qk_init`` chooses the kept query/key channels,
+    ``vo_init`` the value/output map (DESIGN.md §2.6).
+
+    ``qk_energy`` and ``pca`` need statistics of the original model on the first ``calib_tokens``
+    tokens of the train split, in blocks of ``calib_seq_len`` (:mod:`kv_latent.calibration`; 0
+    tokens: no calibration). The default, 64 blocks of 256 tokens, calibrates the tiny models in
+    seconds and SmolLM2-135M in minutes on a 2-core CPU.
+    """
 
     k_dim: int = 64
     v_dim: int = 64
-    init: KVInit = KVInit.strided
+    qk_init: QKInit = QKInit.strided
+    vo_init: VOInit = VOInit.strided
+    calib_tokens: int = 16_384
+    calib_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        if self.calib_tokens < 0:
+            raise ConfigError(f"kv.calib_tokens={self.calib_tokens} must be >= 0 (0: no calibration)")
+        _positive("kv", self, "calib_seq_len")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether an init of this config needs calibration statistics."""
+        return self.qk_init in CALIBRATED_INITS or self.vo_init in CALIBRATED_INITS
 
 
 @dataclass

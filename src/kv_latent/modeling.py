@@ -1,5 +1,6 @@
 """KV-Latent Llama: a Llama decoder whose attention heads use reduced query/key (``k_dim``) and
-value/output (``v_dim``) dims, with a per-layer RoPE schedule at the reduced key dim.
+value/output (``v_dim``) dims, with a per-layer RoPE schedule at the reduced key dim, or a
+per-(layer, KV head) set of frequencies (``rope_inv_freq``, set by data-aware inits).
 
 Everything else is stock transformers Llama: the decoder layer, MLP, norms, cache and attention
 registry are reused by subclassing; only the attention is new. The KV cache holds the reduced
@@ -31,6 +32,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
+    rotate_half,
 )
 
 from .rope import inv_freq as schedule_inv_freq
@@ -44,6 +46,9 @@ class KVLatentConfig(LlamaConfig):
     layer). ``head_dim`` stays the original model's head dim. ``rope_schedule`` names a schedule in
     ``rope.ROPE_SCHEDULES``; it applies to layers whose ``k_dim`` differs from ``head_dim``, and to
     full-dim layers too when ``rope_at_full_dim`` is set (the official code's behaviour).
+    ``rope_inv_freq``, when set, holds per layer either None (the schedule applies) or the layer's
+    own frequencies: one list of ``k_dim / 2`` values per KV head, shared by the query heads of its
+    group (DESIGN.md §2.6); they are stored in the config, so a saved student reloads exactly.
     """
 
     model_type = "kv_latent_llama"
@@ -52,6 +57,7 @@ class KVLatentConfig(LlamaConfig):
     v_dim: int | list[int] | None = None
     rope_schedule: str = "standard"
     rope_at_full_dim: bool = False
+    rope_inv_freq: list[list[list[float]] | None] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -63,30 +69,71 @@ class KVLatentConfig(LlamaConfig):
             if len(value) != n:
                 raise ValueError(f"{key} has {len(value)} entries for {n} layers")
             setattr(self, key, value)
+        if self.rope_inv_freq is not None:
+            if len(self.rope_inv_freq) != n:
+                raise ValueError(f"rope_inv_freq has {len(self.rope_inv_freq)} entries for {n} layers")
+            for i, sets in enumerate(self.rope_inv_freq):
+                shape = (self.num_key_value_heads, self.k_dim[i] // 2)
+                if sets is not None and (len(sets) != shape[0] or any(len(f) != shape[1] for f in sets)):
+                    raise ValueError(f"rope_inv_freq[{i}] must hold {shape[0]} lists of {shape[1]} frequencies")
 
     def layer_rope_schedule(self, layer_idx: int) -> str:
-        """The RoPE schedule in force for one layer."""
+        """The RoPE schedule in force for one layer (unless it has its own ``rope_inv_freq``)."""
         if self.k_dim[layer_idx] == self.head_dim and not self.rope_at_full_dim:
             return "standard"
         return self.rope_schedule
 
+    def layer_inv_freq(self, layer_idx: int) -> list[list[float]] | None:
+        """One layer's own frequencies per KV head, or None where its schedule applies."""
+        return None if self.rope_inv_freq is None else self.rope_inv_freq[layer_idx]
+
 
 class LatentRope(nn.Module):
-    """RoPE cos/sin for one layer's reduced key dim (HF ``rotate_half`` layout)."""
+    """RoPE cos/sin for one layer's reduced key dim (HF ``rotate_half`` layout): one schedule for
+    all heads (``inv_freq``: (dim/2,)), or one set of frequencies per KV head (``head_inv_freq``;
+    ``inv_freq``: (n_kv, dim/2))."""
 
-    def __init__(self, *, dim: int, theta: float, schedule: str):
+    def __init__(self, *, dim: int, theta: float, schedule: str, head_inv_freq: list[list[float]] | None = None):
         super().__init__()
-        self.dim, self.theta, self.schedule = dim, theta, schedule
-        self.inv_freq = nn.Buffer(schedule_inv_freq(schedule, dim=dim, theta=theta), persistent=False)
+        self.dim, self.theta, self.schedule, self.head_inv_freq = dim, theta, schedule, head_inv_freq
+        self.inv_freq = nn.Buffer(self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        if self.head_inv_freq is None:
+            return schedule_inv_freq(self.schedule, dim=self.dim, theta=self.theta)
+        return torch.tensor(self.head_inv_freq, dtype=torch.float64).float()  # (n_kv, dim/2)
 
     def reset_inv_freq(self) -> None:
         """Recompute the (non-persistent) ``inv_freq`` buffer, e.g. after ``from_pretrained``."""
-        init.copy_(self.inv_freq, schedule_inv_freq(self.schedule, dim=self.dim, theta=self.theta))
+        init.copy_(self.inv_freq, self._inv_freq())
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
+        """cos and sin: (B, T, dim) for a schedule, (B, n_kv, T, dim) for per-head frequencies."""
+        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float)
+        if inv_freq.dim() == 2:
+            position_ids = position_ids[:, None]  # (B, 1, T): broadcast over the KV heads
+            inv_freq = inv_freq[:, None]  # (n_kv, 1, dim/2)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, dim/2) or (B, n_kv, T, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, dim)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (B, n_h, T, d) and k (B, n_kv, T, d) with :class:`LatentRope`'s cos/sin.
+
+    Shared cos/sin (B, T, d) go through Llama's ``apply_rotary_pos_emb``; per-KV-head ones
+    (B, n_kv, T, d) rotate each KV head and every query head of its group alike.
+    """
+    if cos.dim() == 3:
+        return apply_rotary_pos_emb(q, k, cos, sin)
+    b, n_h, t, d = q.shape
+    n_kv = k.shape[1]
+    grouped = q.view(b, n_kv, n_h // n_kv, t, d)  # (B, n_kv, g, T, d): query heads by KV head
+    cos_q, sin_q = cos[:, :, None], sin[:, :, None]  # (B, n_kv, 1, T, d)
+    q = (grouped * cos_q + rotate_half(grouped) * sin_q).reshape(b, n_h, t, d)  # (B, n_h, T, d)
+    return q, k * cos + rotate_half(k) * sin
 
 
 def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -153,6 +200,7 @@ class KVLatentAttention(LlamaAttention):
             dim=self.k_dim,
             theta=config.rope_parameters["rope_theta"],
             schedule=config.layer_rope_schedule(layer_idx),
+            head_inv_freq=config.layer_inv_freq(layer_idx),
         )
 
     def forward(
@@ -175,7 +223,7 @@ class KVLatentAttention(LlamaAttention):
             past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
             position_ids = torch.arange(past, past + input_shape[1], device=q.device)[None]  # (1, T)
         cos, sin = self.rope(q, position_ids)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = apply_rope(q, k, cos, sin)
 
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)

@@ -1,5 +1,5 @@
-"""One ablation job, end to end (DESIGN.md §3.2): validate -> load the original -> surgery ->
-retrain -> evaluate -> record.
+"""One ablation job, end to end (DESIGN.md §3.2): validate -> load the original -> calibration
+(when an init needs it) -> surgery -> retrain -> evaluate -> record.
 
 :func:`make_job` checks everything that can be checked before a model loads (the config rules,
 the model's source, a checkpoint to resume); :func:`run_job` then holds the run directory
@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from kv_latent import base_models, records
+from kv_latent.calibration import CalibrationStats, calibrate
 from kv_latent.config import AblationConfig
 from kv_latent.rules import check_ablation
 from kv_latent.data.blocks import load_blocks
@@ -80,6 +81,17 @@ def original_perplexity(job: Job, original, val_blocks: torch.Tensor) -> dict[st
     )
 
 
+def calibration_stats(job: Job, original, tokenizer) -> CalibrationStats | None:
+    """The original's calibration statistics when an init of the job needs them (else None),
+    cached in ``<output_root>/calibration/`` and shared by every job of a sweep."""
+    kv = job.cfg.kv
+    if not kv.needs_calibration:
+        return None
+    return calibrate(original, data=job.cfg.data, tokens=kv.calib_tokens, seq_len=kv.calib_seq_len,
+                     cache_dir=job.output_root / "calibration", name=job.cfg.model.name, tokenizer=tokenizer,
+                     batch_size=job.cfg.train.batch_size)
+
+
 def run_job(
     cfg: AblationConfig, config: dict[str, Any], *, group: str | None = None, overrides: list[str] = ()
 ) -> dict[str, Any]:
@@ -103,8 +115,9 @@ def _run(job: Job, *, group: str | None, overrides: list[str]) -> dict[str, Any]
     started, code = time.perf_counter(), records.git_commit()
     cfg = job.cfg
     original, tokenizer = base_models.load_base_model(cfg.model, cache_dir=job.cache_dir, device=_device(cfg))
-    student = build_student(original, k_dim=cfg.kv.k_dim, v_dim=cfg.kv.v_dim, init=cfg.kv.init,
-                            rope=cfg.rope.schedule, rope_at_full_dim=cfg.rope.at_full_dim)
+    student = build_student(original, k_dim=cfg.kv.k_dim, v_dim=cfg.kv.v_dim, qk_init=cfg.kv.qk_init,
+                            vo_init=cfg.kv.vo_init, rope=cfg.rope.schedule, rope_at_full_dim=cfg.rope.at_full_dim,
+                            stats=calibration_stats(job, original, tokenizer))
     train_blocks = load_blocks(cfg.data, "train", tokenizer=tokenizer)
     val_blocks = load_blocks(cfg.data, "val", tokenizer=tokenizer)
 
@@ -146,7 +159,8 @@ def _run(job: Job, *, group: str | None, overrides: list[str]) -> dict[str, Any]
 
 def _tags(cfg: AblationConfig) -> list[str]:
     return [f"model={cfg.model.name}", f"k_dim={cfg.kv.k_dim}", f"v_dim={cfg.kv.v_dim}",
-            f"rope={cfg.rope.schedule}", f"gqa={cfg.gqa.mode}", f"train={'+'.join(cfg.train.stages)}"]
+            f"qk_init={cfg.kv.qk_init}", f"vo_init={cfg.kv.vo_init}", f"rope={cfg.rope.schedule}",
+            f"gqa={cfg.gqa.mode}", f"train={'+'.join(cfg.train.stages)}"]
 
 
 def _write_outputs(

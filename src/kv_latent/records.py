@@ -52,10 +52,19 @@ def config_hash(config: dict[str, Any], sections: tuple[str, ...] = HASHED_SECTI
 
 
 def run_name(config: dict[str, Any]) -> str:
-    """A stable, readable directory name from the job's values plus its config hash."""
+    """A stable, readable directory name from the job's values plus its config hash.
+
+    A dim initialised otherwise than by the paper's stride names its init: ``k32-qk_energy_v32-pca``
+    (``k32_v32`` for strided ones, and for records from before the inits were choices).
+    """
     kv, rope, gqa, train = config["kv"], config["rope"], config["gqa"], config["train"]
+
+    def dim(prefix: str, key: str, init_key: str) -> str:
+        init = kv.get(init_key, "strided")
+        return f"{prefix}{kv[key]}" + ("" if init == "strided" else f"-{init}")
+
     return (
-        f"{config['model']['name']}/k{kv['k_dim']}_v{kv['v_dim']}_{rope['schedule']}"
+        f"{config['model']['name']}/{dim('k', 'k_dim', 'qk_init')}_{dim('v', 'v_dim', 'vo_init')}_{rope['schedule']}"
         f"_{gqa['mode']}_{'+'.join(train['stages'])}-{config_hash(config)}"
     )
 

@@ -1,6 +1,8 @@
 """RoPE frequency schedules: a schedule name maps to ``inv_freq`` for a (reduced) key dim.
 
-A new schedule is one function ``(dim, theta) -> inv_freq`` decorated with ``@register``.
+A new schedule is one function ``(dim, theta) -> inv_freq`` decorated with ``@register``. Besides
+the schedules, :func:`pair_inv_freq` gives the original frequencies of chosen ``rotate_half`` pairs
+(the per-head frequency sets of data-aware inits, DESIGN.md §2.6).
 This module imports only torch: it travels with saved checkpoints (``trust_remote_code``).
 """
 
@@ -30,19 +32,26 @@ def standard(dim: int, theta: float) -> torch.Tensor:
     return (theta ** (-arr / dim)).float()
 
 
+def freq_aware_exponents(dim: int) -> torch.Tensor:
+    """The exponents ``arr`` of frequency-aware RoPE at ``dim`` (``inv_freq = theta^(-arr/dim)``):
+    ``cat(arange(d/4, 3d/4, 2), arange(3d/4, d, 1))``, ``dim // 2`` integers (int64)."""
+    if dim % 4:
+        raise ValueError(f"freq_aware RoPE needs a key dim divisible by 4, got {dim}")
+    return torch.cat([torch.arange(dim // 4, 3 * dim // 4, 2), torch.arange(3 * dim // 4, dim, 1)])
+
+
 @register("freq_aware")
 def freq_aware(dim: int, theta: float) -> torch.Tensor:
     """KV-Latent frequency-aware RoPE (paper Eq. 11): drop the highest frequencies and sample the
-    low band twice as densely: ``arr = cat(arange(d/4, 3d/4, 2), arange(3d/4, d, 1))``."""
-    if dim % 4:
-        raise ValueError(f"freq_aware RoPE needs a key dim divisible by 4, got {dim}")
-    arr = torch.cat(
-        [
-            torch.arange(dim // 4, 3 * dim // 4, 2, dtype=torch.float64),
-            torch.arange(3 * dim // 4, dim, 1, dtype=torch.float64),
-        ]
-    )
+    low band twice as densely (:func:`freq_aware_exponents`)."""
+    arr = freq_aware_exponents(dim).double()
     return (theta ** (-arr / dim)).float()
+
+
+def pair_inv_freq(pairs: torch.Tensor, *, head_dim: int, theta: float) -> torch.Tensor:
+    """The original frequencies ``theta^(-2j/head_dim)`` of ``rotate_half`` pairs ``j`` (any
+    shape), in float64; cast to float32 they equal ``standard(head_dim, theta)[j]`` exactly."""
+    return theta ** (-(2 * pairs.double()) / head_dim)
 
 
 def inv_freq(schedule: str, *, dim: int, theta: float) -> torch.Tensor:

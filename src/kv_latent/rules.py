@@ -1,14 +1,15 @@
 """The rules between config groups (DESIGN.md §3.1), checked before any model loads.
 
 Each group's own ranges are checked by its dataclass in :mod:`kv_latent.config`; what can only be
-judged across groups (the reduced dims against the model's head_dim and RoPE schedule, windows
-against the model's context, the budget against one step, the batch against the devices, task
-names against lm-eval) is checked here, with an error that names the key and the fix.
+judged across groups (the reduced dims and their inits against the model's head_dim and RoPE
+schedule, windows against the model's context, the budget against one step, the batch against the
+devices, task names against lm-eval) is checked here, with an error that names the key and the fix.
 """
 
 from __future__ import annotations
 
 from kv_latent.config import (
+    CALIBRATED_INITS,
     AblationConfig,
     ConfigError,
     DataConfig,
@@ -25,23 +26,67 @@ def check_kv_dims(
     k_dim: int,
     v_dim: int,
     head_dim: int,
-    init: str = "strided",
+    qk_init: str = "strided",
+    vo_init: str = "strided",
     schedule: str = "standard",
     at_full_dim: bool = False,
 ) -> None:
-    """The KV-Latent dimension rules; raise :class:`ConfigError` naming the offending key."""
-    for key, dim in (("kv.k_dim", k_dim), ("kv.v_dim", v_dim)):
+    """The KV-Latent dimension and init rules; raise :class:`ConfigError` naming the offending key."""
+    for key, dim, init_key, init in (("kv.k_dim", k_dim, "kv.qk_init", qk_init),
+                                     ("kv.v_dim", v_dim, "kv.vo_init", vo_init)):
         if not 0 < dim <= head_dim:
             raise ConfigError(f"{key}={dim} must be in 1..{head_dim} (the model's head_dim)")
         if init == "strided" and head_dim % dim:
             divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
-            raise ConfigError(f"{key}={dim} must divide head_dim={head_dim} for kv.init=strided; allowed: {divisors}")
+            raise ConfigError(
+                f"{key}={dim} must divide head_dim={head_dim} for {init_key}=strided; allowed: {divisors}"
+            )
     if k_dim % 2:
         raise ConfigError(f"kv.k_dim={k_dim} must be even: RoPE rotates channel pairs")
     rope_applies = k_dim != head_dim or at_full_dim
     if schedule == "freq_aware" and rope_applies and k_dim % 4:
         raise ConfigError(
             f"kv.k_dim={k_dim} must be a multiple of 4 for rope.schedule=freq_aware (or use rope=standard)"
+        )
+    _check_qk_init(qk_init, k_dim=k_dim, head_dim=head_dim, schedule=schedule)
+
+
+def _check_qk_init(qk_init: str, *, k_dim: int, head_dim: int, schedule: str) -> None:
+    """``freq_matched`` realises freq_aware RoPE with original frequencies (pair ``arr_j * r / 2``),
+    so it needs that schedule and an even integer ``r = head_dim / k_dim``; ``qk_energy`` keeps each
+    pair at its original frequency, so no other schedule can apply (DESIGN.md §2.6)."""
+    if qk_init == "freq_matched":
+        if schedule != "freq_aware":
+            raise ConfigError(
+                f"kv.qk_init=freq_matched keeps the original pairs whose frequencies frequency-aware RoPE "
+                f"uses; it needs rope=freq_aware (got rope.schedule={schedule})"
+            )
+        allowed = [d for d in range(4, head_dim, 4) if head_dim % d == 0 and (head_dim // d) % 2 == 0]
+        if k_dim not in allowed:
+            raise ConfigError(
+                f"kv.k_dim={k_dim} does not suit kv.qk_init=freq_matched, which needs a reduced width with "
+                f"head_dim / kv.k_dim an even integer (head_dim={head_dim}); allowed: {allowed}"
+            )
+    if qk_init == "qk_energy" and schedule != "standard":
+        raise ConfigError(
+            f"kv.qk_init=qk_energy keeps every pair at its original frequency, so rope.schedule={schedule} "
+            "would not apply; use rope=standard"
+        )
+
+
+def check_calibration(cfg: AblationConfig) -> None:
+    """Calibration settings against the inits that need them and the model's context."""
+    needing = [f"kv.{key}={getattr(cfg.kv, key)}" for key in ("qk_init", "vo_init")
+               if getattr(cfg.kv, key) in CALIBRATED_INITS]
+    if needing and cfg.kv.calib_tokens == 0:
+        raise ConfigError(
+            f"{' and '.join(needing)} need(s) calibration statistics of the original model: "
+            "set kv.calib_tokens > 0 (got 0)"
+        )
+    if needing and cfg.kv.calib_seq_len > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            f"kv.calib_seq_len={cfg.kv.calib_seq_len} exceeds the context of model {cfg.model.name!r} "
+            f"(model.max_position_embeddings={cfg.model.max_position_embeddings}); use at most that"
         )
 
 
@@ -83,8 +128,9 @@ def check_ablation(cfg: AblationConfig) -> AblationConfig:
             "train.stages=[pretrain] builds a base model, which is its own workflow: "
             "python src/pretrain.py recipe=<recipe> model=<name> (conf/pretrain.yaml, conf/recipe/)"
         )
-    check_kv_dims(k_dim=cfg.kv.k_dim, v_dim=cfg.kv.v_dim, head_dim=m.head_dim, init=cfg.kv.init,
-                  schedule=cfg.rope.schedule, at_full_dim=cfg.rope.at_full_dim)
+    check_kv_dims(k_dim=cfg.kv.k_dim, v_dim=cfg.kv.v_dim, head_dim=m.head_dim, qk_init=cfg.kv.qk_init,
+                  vo_init=cfg.kv.vo_init, schedule=cfg.rope.schedule, at_full_dim=cfg.rope.at_full_dim)
+    check_calibration(cfg)
     _check_windows(m, cfg.train, cfg.data)
     _check_devices(cfg.trainer, cfg.train)
     cfg.eval.check_context(m.max_position_embeddings)
