@@ -42,10 +42,11 @@ STEP_SECTIONS = ("model", "train", "data", "start")
 
 @dataclass
 class Step:
-    """One step of a recipe, ready to run: its resolved config (as recorded) and run directory."""
+    """One step of a recipe, ready to run: its resolved config (as recorded), its hash over
+    ``STEP_SECTIONS`` and its run directory."""
 
-    index: int
     config: dict[str, Any]  # {"model", "train", "data", "start", "recipe"}: what the record stores
+    config_hash: str
     run_dir: Path
 
     @property
@@ -62,8 +63,8 @@ def plan_steps(cfg: PretrainConfig, config: dict[str, Any], *, start: dict[str, 
                        "recipe": {"name": config["name"], "step": step["name"], "index": i}}
         digest = records.config_hash(step_config, STEP_SECTIONS)
         run_dir = Path(cfg.output_root) / "pretrain" / cfg.model.name / f"{i}_{step['name']}-{digest}"
-        steps.append(Step(i, step_config, run_dir))
-        start = {"step": f"{i}_{step['name']}-{digest}"}
+        steps.append(Step(step_config, digest, run_dir))
+        start = {"step": run_dir.name}
     return steps
 
 
@@ -94,7 +95,7 @@ def run_pretrain(cfg: PretrainConfig, config: dict[str, Any], *, overrides: list
     done = []
     for step_cfg, step in zip(cfg.steps, plan_steps(cfg, config, start=start)):
         with records.run_lock(step.run_dir):
-            record = records.complete_record(step.run_dir, records.config_hash(step.config, STEP_SECTIONS))
+            record = records.complete_record(step.run_dir, step.config_hash)
             if record:
                 log.info("step %s: complete record exists in %s", step.name, step.run_dir)
             else:
@@ -127,7 +128,7 @@ def _run_step(cfg: PretrainConfig, step_cfg, step: Step, model, tokenizer, *, ov
         tokenizer.save_pretrained(model_dir)
         record = records.write_record(
             step.run_dir, config=step.config, metrics=metrics, code=code, name=f"{cfg.model.name}/{step.name}",
-            hashed=records.config_hash(step.config, STEP_SECTIONS), tokens_trained=int(metrics["train/tokens"]),
+            hashed=step.config_hash, tokens_trained=int(metrics["train/tokens"]),
             wall_time_s=time.perf_counter() - started, model_dir=str(model_dir),
             command=" ".join(["python src/pretrain.py", *overrides]), device=str(device),
         )

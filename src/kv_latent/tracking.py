@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ class JobLoggers:
 
     lightning: list[Any]
     run: Any = None
-    offline_fallback: bool = field(default=False)
+    offline_fallback: bool = False
     earlier_csv: Path | None = None  # a resumed job's rows from before the resume
 
     def _merge_earlier_csv(self, csv: Path) -> None:

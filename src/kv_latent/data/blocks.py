@@ -21,6 +21,7 @@ from kv_latent.config import DataConfig, DataSource
 from kv_latent.data.corpus import CORPUS_VERSION, cache_root, check_split, load_documents, split_of
 from kv_latent.data.recall import recall_blocks
 from kv_latent.data.tokenizer import encode, load_tokenizer, tokenizer_hash
+from kv_latent.files import atomic_path
 
 
 def blocks_from_texts(
@@ -74,9 +75,8 @@ def _cached_blocks(path: Path, build) -> torch.Tensor:
     path.parent.mkdir(parents=True, exist_ok=True)
     # uint16 halves the file for vocabularies below 65536 (the shipped one, SmolLM2's).
     dtype = np.uint16 if blocks.numel() == 0 or int(blocks.max()) < 2**16 else np.int32
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
-    np.save(tmp, blocks.numpy().astype(dtype))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, blocks.numpy().astype(dtype))
     return blocks
 
 
