@@ -20,6 +20,7 @@ from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter  # noqa
 from analysis.frame import ORIGINAL, Runs, signature, with_originals  # noqa: E402
 from analysis.output import Figure, sources_of  # noqa: E402
 from analysis.tables import (  # noqa: E402
+    SURGERY,
     ROPE_DIMS,
     ROPE_SCHEDULES,
     ROPE_THETA,
@@ -153,11 +154,29 @@ def _front(points: pd.DataFrame, metric: str, higher_better: bool) -> pd.DataFra
     return ordered[improving]
 
 
+def kv_axes(ax, ratios: pd.Series, *, y_label: str, log_y: bool) -> None:
+    """KV-cache share on a log2 x axis ticked at the ``ratios`` present (in %), the quality label,
+    a log y axis for perplexities, grid and legend."""
+    ticks = sorted(ratios.dropna().unique() * 100)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:.3g}" for t in ticks], fontsize=8)
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_xlabel("KV cache (% of the original, log scale)")
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def pareto_figure(frame: pd.DataFrame) -> Figure | None:
     """Quality against KV-cache size (share of the original, log scale), with each model's front."""
     if frame.empty or "kv.ratio" not in frame:
         return None
-    rows = with_average(with_originals(frame))
+    rows = with_average(with_originals(frame[frame["recipe"] != SURGERY]))
     metrics = [m for m in ("val/ppl", "benchmark_avg") if m in rows and rows[m].notna().any()]
     if not metrics:
         return None
@@ -187,19 +206,7 @@ def pareto_figure(frame: pd.DataFrame) -> Figure | None:
                  "on_front": p["config_hash"] in set(front["config_hash"])}
                 for _, p in points.iterrows()
             ]
-        ticks = sorted(rows["kv.ratio"].dropna().unique() * 100)
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([f"{t:.3g}" for t in ticks], fontsize=8)
-        if metric == "val/ppl":
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(ScalarFormatter())
-        ax.set_xlabel("KV cache (% of the original, log scale)")
-        ax.set_ylabel(y_label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        kv_axes(ax, rows["kv.ratio"], y_label=y_label, log_y=metric == "val/ppl")
     fig.suptitle("Quality against KV-cache size (labels: d_qk/d_vo on the front)")
     fig.tight_layout()
     return Figure(
@@ -302,6 +309,58 @@ def needle_figure(frame: pd.DataFrame) -> Figure | None:
     )
 
 
+FAMILIES = {"heads": ("o", "tab:blue"), "dims": ("s", "tab:orange"), "both": ("D", "tab:green")}
+
+
+def family(row: pd.Series) -> str:
+    """How a student's cache was cut: ``heads`` (fewer KV heads), ``dims`` (narrower heads) or ``both``."""
+    heads = row.get("gqa.mode", "keep") not in ("keep", None) and not pd.isna(row.get("gqa.mode"))
+    dims = (row["kv.k_dim"], row["kv.v_dim"]) != (row["model.head_dim"], row["model.head_dim"])
+    return "both" if heads and dims else "heads" if heads else "dims"
+
+
+def kv_bytes_quality(frame: pd.DataFrame) -> Figure | None:
+    """Retrained val perplexity against KV-cache size, heads and dims cut on one plot per model: the
+    records of the head-compression studies' evaluation (DESIGN.md §5)."""
+    if "gqa.mode" not in frame or not (frame["gqa.mode"].fillna("keep") != "keep").any():
+        return None
+    converted = frame[frame["gqa.mode"] != "keep"]
+    rows = frame[frame["eval.name"].isin(converted["eval.name"].unique()) & (frame["recipe"] != SURGERY)]
+    rows = rows[rows["val/ppl"].notna()]
+    if rows.empty:
+        return None
+    models = sorted(rows["model.name"].unique())
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
+    originals = with_originals(rows)
+    data = {}
+    for ax, model in zip(axes[0], models):
+        points = rows[rows["model.name"] == model].assign(family=lambda f: f.apply(family, axis=1))
+        for name, (marker, colour) in FAMILIES.items():
+            group = points[points["family"] == name]
+            ax.scatter(group["kv.ratio"] * 100, group["val/ppl"], marker=marker, color=colour, s=30, label=name)
+            for _, p in group.iterrows():
+                heads = "" if pd.isna(p.get("gqa.kv_heads")) else f"{p['gqa.mode']}{'-qa' if p.get('gqa.query_aware') is True else ''} kv{p['gqa.kv_heads']:.0f} "
+                ax.annotate(f"{heads}{p['kv.k_dim']:.0f}/{p['kv.v_dim']:.0f}", (p["kv.ratio"] * 100, p["val/ppl"]),
+                            textcoords="offset points", xytext=(4, 3), fontsize=6)
+        original = originals[(originals["model.name"] == model) & (originals["recipe"] == ORIGINAL)]
+        ax.scatter(original["kv.ratio"] * 100, original["val/ppl"], marker="*", s=140, color="gold",
+                   edgecolor="black", label="original")
+        data[model] = points.reindex(columns=["config_hash", "family", "gqa.mode", "gqa.kv_heads", "kv.k_dim",
+                                              "kv.v_dim", "kv.ratio", "val/ppl"]).to_dict("records")
+        kv_axes(ax, points["kv.ratio"], y_label=QUALITY["val/ppl"][0], log_y=True)
+        ax.set_title(model)
+    fig.suptitle("Fewer KV heads, narrower heads, or both: quality at equal KV cache")
+    fig.tight_layout()
+    return Figure(
+        name="kv_bytes_quality",
+        figure=fig,
+        caption="Each point a retrained student of the head-compression studies' evaluation: heads (gqa mode "
+        "and KV heads at full dims), dims (d_qk/d_vo with every KV head) or both; the star is the original.",
+        sources=sources_of(rows),
+        data=data,
+    )
+
+
 def all_figures(runs: Runs) -> list[Figure]:
     """Every figure the records allow (the RoPE figure always: it needs none)."""
     figures = [
@@ -310,5 +369,6 @@ def all_figures(runs: Runs) -> list[Figure]:
         pareto_figure(runs.frame),
         training_curves(runs),
         needle_figure(runs.frame),
+        kv_bytes_quality(runs.frame),
     ]
     return [f for f in figures if f is not None]

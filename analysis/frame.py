@@ -3,7 +3,8 @@
 Column names are the record's own names, so a table column reads like the record field it came from:
 
 - the resolved config, flattened without its ``config.`` prefix: ``model.name``, ``kv.k_dim``,
-  ``kv.v_dim``, ``rope.schedule``, ``train.stages`` (joined by ``+``, as in run names), ...;
+  ``kv.v_dim``, ``rope.schedule``, ``train.stages`` (joined by ``+``), ...; ``recipe`` is the
+  stages as run names show them (``surgery`` for none);
 - every metric key as written: ``val/ppl``, ``eval/<task>/<metric>``, ``needle/mean``, ...;
 - the record's ``kv`` field: ``kv.bytes_per_token``, ``kv.original_bytes_per_token``, ``kv.ratio``;
 - provenance: ``name``, ``config_hash``, ``code.commit``, ``code.dirty``, ``created``, ``source``
@@ -25,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from kv_latent.config import recipe_name
 from kv_latent.records import HASHED_SECTIONS, RECORD_FILE, UNHASHED_KEYS, CorruptRecord, config_hash, read_record
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,8 @@ def record_row(record: Mapping[str, Any], *, source: str, run_dir: str | None) -
         row[key] = record.get(key)
     code = record.get("code") or {}
     row["code.commit"], row["code.dirty"] = code.get("commit"), code.get("dirty")
-    row["recipe"] = row.get("train.stages")
+    stages = ((record.get("config") or {}).get("train") or {}).get("stages")
+    row["recipe"] = None if stages is None else recipe_name(stages)
     row["source"], row["run_dir"] = source, run_dir
     return row
 

@@ -29,7 +29,7 @@ from analysis.tables import ABLATIONS, all_tables  # noqa: E402
 
 log = logging.getLogger("make_tables")
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
-ARTEFACTS = {"main", "k_versus_v", "efficiency", "rope_stability", *ABLATIONS.values(),
+ARTEFACTS = {"main", "k_versus_v", "efficiency", "rope_stability", "init_ablation", "gqa_conversion", "kv_bytes_quality", *ABLATIONS.values(),
              "kv_heatmap", "pareto", "training_curves", "needle"}
 
 

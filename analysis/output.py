@@ -28,7 +28,7 @@ from analysis.frame import SOURCE_COLUMNS  # noqa: E402
 
 MISSING_MD, MISSING_TEX = "–", "--"
 # Fractions shown as percentages: accuracies (and their stderr), needle success, KV share.
-PERCENT = re.compile(r"^(eval/.+/acc(_norm)?(_stderr)?|needle/.+|benchmark_avg|kv\.ratio|efficiency/kv_bytes_ratio)$")
+PERCENT = re.compile(r"^(eval/.+/acc(_norm)?(_stderr)?|(surgery/)?needle/.+|benchmark_avg|kv\.ratio|efficiency/kv_bytes_ratio)$")
 # Ratios to the original shown as signed % change (the paper's "TTFT -8%").
 CHANGE = re.compile(r"^efficiency/(ttft|ms_per_token)_ratio$")
 

@@ -179,10 +179,102 @@ def ablation_table(frame: pd.DataFrame, key: str) -> Table | None:
     )
 
 
+SURGERY = "surgery"  # the recipe of records without retraining
+NEEDLE_GRID = ["eval.needle.context_lengths", "eval.needle.depths", "eval.needle.trials"]
+# The init ablation (DESIGN.md §2.6): dims, the key arm (init and RoPE), the value init.
+INIT_CELL = ["model.name", "kv.k_dim", "kv.v_dim", "kv.qk_init", "rope.schedule", "kv.vo_init", "eval.name"]
+INIT_ORDER = {"kv.qk_init": ["strided", "freq_matched", "qk_energy"], "rope.schedule": ["standard", "freq_aware"],
+              "kv.vo_init": ["strided", "pca"]}
+# Head compression (DESIGN.md §5): the mode, its KV heads and the dims it composes with.
+GQA_CELL = ["model.name", "gqa.mode", "gqa.query_aware", "gqa.kv_heads", "kv.k_dim", "kv.v_dim", "eval.name"]
+GQA_ORDER = {"gqa.mode": ["keep", "mean_pool", "svd_w", "svd_a", "rope_pca"]}
+
+
+def needle_stderr(frame: pd.DataFrame) -> pd.Series:
+    """Standard error of ``needle/mean`` over the n = contexts x depths x trials retrievals of the
+    record's needle grid, Agresti-Coull (p' = (k + 2) / (n + 4), sqrt(p' (1 - p') / (n + 4))), so that
+    0 of n or n of n is not reported as certain."""
+    def count(column: str) -> pd.Series:
+        return frame[column].map(lambda v: len(str(v).split("+")))
+
+    contexts, depths, trials = NEEDLE_GRID
+    n = count(contexts) * count(depths) * frame[trials]
+    p = (frame["needle/mean"] * n + 2) / (n + 4)
+    return np.sqrt(p * (1 - p) / (n + 4))
+
+
+def before_and_after(frame: pd.DataFrame, cell: list[str], order: dict[str, list[str]], *,
+                     built: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per ``cell``: the retrained record's val/ppl and needle beside the surgery-only
+    record's (``surgery/...``), with the needle's standard error, and the ``built`` metrics (of the
+    student's structure, such as decode speed: the retrained record's, else the surgery-only one's);
+    each model's original first, then by cache share, key width and ``order`` (values per key)."""
+    structural = ["kv.ratio", "surgery/val/ppl", *built]  # either record of the cell gives them
+    frame = frame.assign(**{"needle/stderr": needle_stderr(frame)})
+    measured = ["val/ppl", "needle/mean", "needle/stderr"]
+    surgery, retrained = frame[frame["recipe"] == SURGERY], frame[frame["recipe"] != SURGERY]
+    table = retrained.reindex(columns=[*cell, *structural, "recipe", *measured, "config_hash"])
+    only = surgery.reindex(columns=[*cell, *structural, *measured, "config_hash"]).drop(columns="surgery/val/ppl")
+    only = only.rename(columns={"val/ppl": "surgery/val/ppl", "needle/mean": "surgery/needle/mean",
+                                "needle/stderr": "surgery/needle/stderr", "config_hash": "surgery/config_hash"})
+    table = table.merge(only, on=cell, how="outer", suffixes=("", "_surgery_only"))
+    for column in structural:
+        table[column] = table[column].fillna(table.pop(f"{column}_surgery_only"))
+    originals = with_originals(frame)
+    originals = originals[originals["recipe"] == ORIGINAL]
+    grid = frame.groupby("model.name")[NEEDLE_GRID].first()  # the original ran each model's needle grid too
+    originals = originals.drop(columns=NEEDLE_GRID, errors="ignore").merge(grid, on="model.name", how="left")
+    originals = originals.assign(**{"needle/stderr": needle_stderr(originals)})
+    originals = originals.reindex(columns=["model.name", "kv.k_dim", "kv.v_dim", "kv.ratio", "recipe", *measured])
+    table = pd.concat([originals, table], ignore_index=True)
+    ranks = {f"_{key}": table[key].map({v: i for i, v in enumerate(values)}) for key, values in order.items()}
+    table = table.assign(_orig=table["recipe"] != ORIGINAL, **ranks).sort_values(
+        ["model.name", "_orig", "kv.ratio", "kv.k_dim", *ranks],
+        ascending=[True, True, False, False, *([True] * len(ranks))], kind="stable")
+    columns = [*cell[:-1], "kv.ratio", "surgery/val/ppl", "surgery/needle/mean", "surgery/needle/stderr",
+               "recipe", *measured, *built, "config_hash", "surgery/config_hash"]
+    return table.reindex(columns=columns).reset_index(drop=True)
+
+
+def _caption(what: str) -> str:
+    return (f"{what} surgery/* is the student as built (no retraining), val/ppl and needle/mean the student "
+            "retrained with recipe; the needle's stderr is Agresti-Coull over its retrievals. Each model's "
+            "original first.")
+
+
+def init_table(frame: pd.DataFrame) -> Table | None:
+    """The init ablation: per model, dims, key arm and value init, the val perplexity and needle
+    before and after retraining. None unless some record uses a data-aware init."""
+    if "kv.qk_init" not in frame or not (frame[["kv.qk_init", "kv.vo_init"]] != "strided").any(axis=None):
+        return None
+    rows = frame[frame.get("gqa.mode", pd.Series("keep", index=frame.index)).fillna("keep") == "keep"]
+    rows = rows.dropna(subset=["kv.qk_init"])
+    return Table(name="init_ablation", frame=before_and_after(rows, INIT_CELL, INIT_ORDER),
+                 caption=_caption("Initialisations of the reduced dims (head count kept):"),
+                 sources=sources_of(rows))
+
+
+def gqa_table(frame: pd.DataFrame) -> Table | None:
+    """Head compression: per model, mode, KV heads and dims, the cache share, quality before and
+    after retraining, the needle and decode speed; with the dims-only records of the same
+    evaluation, so heads, dims and both compare at equal cache. None without a compressed record."""
+    if "gqa.mode" not in frame or not (frame["gqa.mode"].fillna("keep") != "keep").any():
+        return None
+    converted = frame[frame["gqa.mode"] != "keep"]
+    rows = frame[frame["eval.name"].isin(converted["eval.name"].unique())]
+    return Table(name="gqa_conversion",
+                 frame=before_and_after(rows, GQA_CELL, GQA_ORDER, built=("efficiency/ms_per_token_ratio",)),
+                 caption=_caption("Head compression (gqa.kv_heads KV heads per layer), alone and with reduced "
+                                  "dims, and the dims alone at the same evaluation; kv.ratio is the KV cache as a "
+                                  "share of the original's, efficiency/ms_per_token_ratio decode time per token "
+                                  "against it."),
+                 sources=sources_of(rows))
+
+
 def all_tables(frame: pd.DataFrame) -> list[Table]:
     """Every table the records allow (the RoPE table always: it needs none)."""
     tables = [rope_table()]
     if not frame.empty:
-        tables += [main_table(frame), kv_table(frame), efficiency_table(frame)]
+        tables += [main_table(frame), kv_table(frame), efficiency_table(frame), init_table(frame), gqa_table(frame)]
         tables += [ablation_table(frame, key) for key in ABLATIONS]
     return [t for t in tables if t is not None]

@@ -15,75 +15,35 @@ alike; each number is a median over rounds.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchlib import add_model_args, describe, random_llama, round_robin
 from kv_latent.calibration import second_moments
-from kv_latent.evaluation.efficiency import kv_bytes_per_token, measure_latency
+from kv_latent.evaluation.efficiency import kv_bytes_per_token
 from kv_latent.surgery import build_student
 
 DIMS = [(64, 64), (32, 32), (16, 16), (32, 64), (64, 32)]
 INITS = ["strided", "qk_energy"]  # qk_energy only where keys are reduced (at full width it is strided)
 
 
-def original_model(args) -> LlamaForCausalLM:
-    """A randomly initialised model of the tiny architecture (speed does not depend on weights)."""
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=3 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=args.hidden // 64 // args.gqa_groups,
-        head_dim=64,
-        max_position_embeddings=max(args.contexts) + args.new_tokens,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192], help="prompt lengths")
-    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens decoded after the prompt")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_model_args(parser, contexts=[2048, 8192])
     parser.add_argument("--gqa-groups", type=int, default=1, help="query heads per KV head")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
-    original = original_model(args).to(args.device, dtype).eval()
-    original.set_attn_implementation(args.attn)
+    original = random_llama(args, gqa_groups=args.gqa_groups)
     stats = second_moments(original, torch.randint(0, args.vocab, (4, 256), device=args.device))
     students = {
         (dims, init): build_student(original, k_dim=dims[0], v_dim=dims[1], qk_init=init, stats=stats)
         for dims in DIMS for init in INITS if init == "strided" or dims[0] < 64
     }
-    print(
-        f"device={args.device} dtype={args.dtype} attn={args.attn} threads={torch.get_num_threads()} "
-        f"cores={os.cpu_count()} hidden={args.hidden} layers={args.layers} heads={original.config.num_attention_heads} "
-        f"kv_heads={original.config.num_key_value_heads} new_tokens={args.new_tokens} rounds={args.rounds}"
-    )
+    print(describe(args, original))
     for context in args.contexts:
         ids = torch.randint(0, args.vocab, (1, context), device=args.device)
-        for model in students.values():  # warm-up: allocator, kernels
-            measure_latency(model, ids, new_tokens=4, repeats=1, warmup=0)
-        ttft, mspt = {key: [] for key in students}, {key: [] for key in students}
-        for _ in range(args.rounds):
-            for key, model in students.items():
-                lat = measure_latency(model, ids, new_tokens=args.new_tokens, repeats=1, warmup=0)
-                ttft[key].append(lat.ttft_s)
-                mspt[key].append(lat.ms_per_token)
-        ttft = {key: statistics.median(times) for key, times in ttft.items()}
-        mspt = {key: statistics.median(times) for key, times in mspt.items()}
+        ttft, mspt = round_robin(students, ids, new_tokens=args.new_tokens, rounds=args.rounds)
         base = (DIMS[0], "strided")
         print(f"\ncontext {context}")
         print(f"{'':>23}{'strided':^40}| {'qk_energy':^34}")

@@ -63,6 +63,24 @@ BAD_INPUTS = [
     ("kv.v_dim=32 kv.vo_init=pca kv.calib_tokens=0", "kv.vo_init=pca need(s) calibration"),
     ("kv.vo_init=pca kv.v_dim=128", "kv.v_dim=128 must be in 1..64"),
     ("kv.vo_init=pca kv.calib_seq_len=2048", "kv.calib_seq_len=2048 exceeds the context"),
+    # head compression (DESIGN.md §5)
+    ("gqa=bogus", "gqa"),
+    ("gqa.mode=bogus", "gqa.mode"),
+    ("gqa=mean_pool", "gqa.mode=mean_pool needs gqa.kv_heads"),
+    ("gqa=rope_pca gqa.kv_heads=0", "gqa.kv_heads=0 must be positive"),
+    ("gqa=rope_pca gqa.kv_heads=-2", "gqa.kv_heads=-2 must be positive"),
+    ("gqa=svd_w gqa.kv_heads=8", "gqa.kv_heads=8 must divide the KV heads"),
+    ("gqa=svd_w gqa.kv_heads=3", "gqa.kv_heads=3 must divide the KV heads of model 'tiny_mha' "
+                                 "(model.num_key_value_heads=4); allowed: [1, 2, 4]"),
+    ("model=tiny_gqa gqa=mean_pool gqa.kv_heads=4", "gqa.kv_heads=4 must divide"),
+    ("gqa.kv_heads=2", "gqa.kv_heads=2 is set but gqa.mode=keep"),
+    ("gqa=svd_a gqa.kv_heads=2 gqa.calib_tokens=0", "gqa.mode=svd_a need(s) calibration"),
+    ("gqa=rope_pca gqa.kv_heads=2 gqa.calib_tokens=0", "gqa.mode=rope_pca need(s) calibration"),
+    ("gqa=rope_pca gqa.kv_heads=2 gqa.calib_seq_len=4096", "gqa.calib_seq_len=4096 exceeds the context"),
+    ("gqa=svd_w gqa.kv_heads=2 gqa.query_aware=true", "gqa.query_aware=true weights rope_pca"),
+    ("gqa=svd_a gqa.kv_heads=2 kv.k_dim=32", "gqa.mode=svd_a projects keys after RoPE"),
+    ("gqa=svd_a gqa.kv_heads=2 kv.vo_init=pca", "gqa.mode=svd_a projects keys after RoPE"),
+    ("gqa.calib_tokens=-5", "gqa.calib_tokens=-5 must be >= 0"),
 ]
 
 
@@ -103,6 +121,8 @@ def test_defaults_live_in_the_schema_and_the_yaml_holds_what_differs():
     assert quick["eval"]["needle"]["context_lengths"] == [512] and full["eval"]["needle"]["trials"] == 8
     assert quick["kv"] == {"k_dim": 64, "v_dim": 64, "qk_init": "strided", "vo_init": "strided",
                            "calib_tokens": 16_384, "calib_seq_len": 256}
+    assert quick["gqa"] == {"mode": "keep", "kv_heads": None, "query_aware": False, "calib_tokens": 16_384,
+                            "calib_seq_len": 256}
     assert quick["logger"]["mode"] == "offline"
 
 

@@ -252,10 +252,10 @@ def test_a_job_calibrates_only_when_an_init_needs_it(tmp_path, cache_dir):
     base = [f"output_root={tmp_path}", f"cache_dir={cache_dir}", "logger=none", "data.seq_len=32", "train.seq_len=32",
             "kv.calib_tokens=256", "kv.calib_seq_len=32"]
     plain = make_job(*compose_config("config", base))
-    assert calibration_stats(plain, None, None) is None
+    assert calibration_stats(plain, None, None, settings=plain.cfg.kv, name="tiny_mha") is None
     job = make_job(*compose_config("config", [*base, "kv.k_dim=32", "kv.qk_init=qk_energy"]))
     original, tokenizer = base_models.load_base_model(job.cfg.model, cache_dir=job.cache_dir)
-    stats = calibration_stats(job, original, tokenizer)
+    stats = calibration_stats(job, original, tokenizer, settings=job.cfg.kv, name="tiny_mha")
     assert stats.tokens == 256 and len(list((tmp_path / "calibration").glob("tiny_mha-*.safetensors"))) == 1
     assert job.run_dir.parent.name == "tiny_mha" and job.run_dir.name.startswith("k32-qk_energy_v64_standard_keep_")
 
@@ -271,12 +271,14 @@ def test_run_names_show_the_inits_but_keep_the_strided_ones():
     assert records.run_name(both).startswith("m/k32-qk_energy_v16-pca_standard_keep_intra+ntp-")
 
 
-def test_every_point_of_the_init_ablation_is_valid_and_distinct():
+@pytest.mark.parametrize("study, jobs", [("init_ablation", 2 * 14 * 2), ("gqa_conversion", 2 * 5 * 2),
+                                         ("equal_cache", 2 * 6)])
+def test_every_point_of_a_study_is_valid_and_distinct(study, jobs):
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    overrides = ["+experiment=init_ablation"]
+    overrides = [f"+experiment={study}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
@@ -287,4 +289,4 @@ def test_every_point_of_the_init_ablation_is_valid_and_distinct():
         typed, container = compose_config("config", overrides + list(point))
         check_ablation(typed)
         seen.add(records.config_hash(container))
-    assert len(seen) == 2 * 13 * 2
+    assert len(seen) == jobs

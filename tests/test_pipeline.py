@@ -47,7 +47,8 @@ def test_every_config_choice_composes_and_validates(group, choice, tmp_path, cac
 
     if group == "trainer" and choice in ("gpu", "fsdp") and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    cfg, container = config(tmp_path, cache_dir, f"{group}={choice}")
+    needs = ["gqa.kv_heads=1"] if group == "gqa" and choice != "keep" else []  # a compression names its heads
+    cfg, container = config(tmp_path, cache_dir, f"{group}={choice}", *needs)
     if group == "model" and container["model"]["source"] == "hf":
         pytest.skip("hub models need hub access to check their source")
     job = make_job(cfg, container)
@@ -100,6 +101,23 @@ def test_job_writes_a_complete_record(finished):
     assert (run_dir / "metrics.csv").exists()
     assert (Path(on_disk["model_dir"]) / "config.json").exists()
     assert not (run_dir / "checkpoints").exists() and not (run_dir / records.HOLDER_FILE).exists()
+
+
+def test_a_head_compressed_job_without_retraining_saves_a_stock_llama(tmp_path, cache_dir):
+    cfg, container = config(tmp_path, cache_dir, "model=tiny_gqa", "train=surgery", "gqa=rope_pca", "gqa.kv_heads=1",
+                            "gqa.calib_tokens=128", "gqa.calib_seq_len=32", "eval.tasks=[]")
+    record = run_job(cfg, container)
+    assert record["name"].startswith("tiny_gqa/k64_v64_standard_rope_pca-kv1_surgery-")
+    metrics = record["metrics"]
+    assert metrics["val/ppl"] == metrics["surgery/val/ppl"] > metrics["original/val/ppl"]
+    assert "train/tokens" not in metrics and record["tokens_trained"] == 0
+    assert record["kv"] == {"bytes_per_token": 3072, "original_bytes_per_token": 6144, "ratio": 0.5}
+    assert metrics["efficiency/kv_bytes_ratio"] == 0.5
+    assert len(list((tmp_path / "out" / "calibration").glob("tiny_gqa-*.safetensors"))) == 1
+    model_dir = Path(record["model_dir"])
+    assert not (model_dir / "modeling.py").exists()  # a stock Llama: nothing to trust
+    loaded = json.loads((model_dir / "config.json").read_text())
+    assert loaded["model_type"] == "llama" and loaded["num_key_value_heads"] == 1
 
 
 def test_rerun_skips_a_complete_job(finished):

@@ -83,7 +83,7 @@ def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, tor
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        ({"stages": []}, "train.stages"),
+        ({"stages": ["kd", "ntp"]}, "train.stages"),
         ({"stages": ["pretrain", "ntp"]}, "train.stages"),
         ({"stages": ["ntp", "intra"]}, "train.stages"),
         ({"tokens": 0}, "train.tokens"),

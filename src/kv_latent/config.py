@@ -33,7 +33,7 @@ def _choices(name: str, values) -> type[StrEnum]:
 RopeSchedule = _choices("RopeSchedule", ROPE_SCHEDULES)
 QKInit = _choices("QKInit", ["strided", "freq_matched", "qk_energy"])
 VOInit = _choices("VOInit", ["strided", "pca"])
-GQAMode = _choices("GQAMode", ["keep"])
+GQAMode = _choices("GQAMode", ["keep", "mean_pool", "svd_w", "svd_a", "rope_pca"])
 ModelSource = _choices("ModelSource", ["embedded", "smollm2_gguf", "hf"])
 DType = _choices("DType", ["float32", "bfloat16", "float16"])
 DataSource = _choices("DataSource", ["prose", "hf"])
@@ -46,9 +46,16 @@ WandbMode = _choices("WandbMode", ["offline", "online", "disabled"])
 
 TEACHER_STAGES = frozenset({"intra", "kd"})
 CALIBRATED_INITS = frozenset({"qk_energy", "pca"})  # inits that need kv_latent.calibration statistics
-RETRAIN_RECIPES = [["intra"], ["ntp"], ["kd"], ["intra", "ntp"], ["intra", "kd"]]
+CALIBRATED_GQA_MODES = frozenset({"svd_a", "rope_pca"})  # head compressions that need them
+# [] is surgery only: the student is evaluated as surgery left it, with no retraining.
+RETRAIN_RECIPES = [[], ["intra"], ["ntp"], ["kd"], ["intra", "ntp"], ["intra", "kd"]]
 RECALL_MIN_SEQ_LEN = 16  # room for a few periods of the shortest repeat document
 RECALL_FACT_MIN_SEQ_LEN = 128  # room for a fact, its query and a repeat besides the prose
+
+
+def recipe_name(stages) -> str:
+    """A retraining recipe as run names and tables show it: ``intra+ntp``; ``surgery`` for none."""
+    return "+".join(str(s) for s in stages) or "surgery"
 
 
 def _positive(prefix: str, obj: Any, *keys: str) -> None:
@@ -132,7 +139,41 @@ class RopeConfig:
 
 @dataclass
 class GQAConfig:
+    """Head compression (DESIGN.md §5): ``mode`` merges each group of consecutive KV heads into
+    ``kv_heads`` KV heads per layer, before the ``kv`` dims are reduced. ``keep`` leaves the heads as
+    they are (``kv_heads`` unset). ``svd_a`` and ``rope_pca`` read calibration statistics of the
+    original over ``calib_tokens`` train-split tokens in blocks of ``calib_seq_len``;
+    ``query_aware`` weights ``rope_pca``'s per-frequency PCA by the query energies."""
+
     mode: GQAMode = GQAMode.keep
+    kv_heads: Optional[int] = None
+    query_aware: bool = False
+    calib_tokens: int = 16_384
+    calib_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        if self.mode == GQAMode.keep and self.kv_heads is not None:
+            raise ConfigError(
+                f"gqa.kv_heads={self.kv_heads} is set but gqa.mode=keep keeps the original heads; choose a "
+                "compression (gqa=mean_pool|svd_w|svd_a|rope_pca) or drop gqa.kv_heads"
+            )
+        if self.mode != GQAMode.keep and self.kv_heads is None:
+            raise ConfigError(f"gqa.mode={self.mode} needs gqa.kv_heads (the KV heads per layer after it)")
+        if self.kv_heads is not None and self.kv_heads <= 0:
+            raise ConfigError(f"gqa.kv_heads={self.kv_heads} must be positive")
+        if self.query_aware and self.mode != GQAMode.rope_pca:
+            raise ConfigError(f"gqa.query_aware=true weights rope_pca's PCA; gqa.mode={self.mode} has none")
+        if self.calib_tokens < 0:
+            raise ConfigError(f"gqa.calib_tokens={self.calib_tokens} must be >= 0 (0: no calibration)")
+        _positive("gqa", self, "calib_seq_len")
+
+    @property
+    def converts(self) -> bool:
+        return self.mode != GQAMode.keep
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.mode in CALIBRATED_GQA_MODES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +253,11 @@ class TrainConfig:
     @property
     def pretraining(self) -> bool:
         return self.stages == [Stage.pretrain]
+
+    @property
+    def retrains(self) -> bool:
+        """False for surgery only (``stages=[]``)."""
+        return bool(self.stages)
 
     @property
     def tokens_per_step(self) -> int:

@@ -1,6 +1,8 @@
 """KV-Latent Llama: a Llama decoder whose attention heads use reduced query/key (``k_dim``) and
 value/output (``v_dim``) dims, with a per-layer RoPE schedule at the reduced key dim, or a
-per-(layer, KV head) set of frequencies (``rope_inv_freq``, set by data-aware inits).
+per-(layer, KV head) set of frequencies (``rope_inv_freq``, set by data-aware inits), and
+optionally KV heads that are learned projections of several rotated keys (``post_rope_key_heads``,
+the ``svd_a`` head compression of DESIGN.md §5).
 
 Everything else is stock transformers Llama: the decoder layer, MLP, norms, cache and attention
 registry are reused by subclassing; only the attention is new. The KV cache holds the reduced
@@ -49,6 +51,9 @@ class KVLatentConfig(LlamaConfig):
     ``rope_inv_freq``, when set, holds per layer either None (the schedule applies) or the layer's
     own frequencies: one list of ``k_dim / 2`` values per KV head, shared by the query heads of its
     group (DESIGN.md §2.6); they are stored in the config, so a saved student reloads exactly.
+    ``post_rope_key_heads``, when set, is the original KV-head count whose keys ``k_proj``
+    computes and RoPE rotates before :class:`PostRopeKeyProj` maps each group of
+    ``post_rope_key_heads / num_key_value_heads`` of them to one cached KV head (full dims only).
     """
 
     model_type = "kv_latent_llama"
@@ -58,6 +63,7 @@ class KVLatentConfig(LlamaConfig):
     rope_schedule: str = "standard"
     rope_at_full_dim: bool = False
     rope_inv_freq: list[list[list[float]] | None] | None = None
+    post_rope_key_heads: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -76,6 +82,17 @@ class KVLatentConfig(LlamaConfig):
                 shape = (self.num_key_value_heads, self.k_dim[i] // 2)
                 if sets is not None and (len(sets) != shape[0] or any(len(f) != shape[1] for f in sets)):
                     raise ValueError(f"rope_inv_freq[{i}] must hold {shape[0]} lists of {shape[1]} frequencies")
+        if self.post_rope_key_heads is not None:
+            self._check_post_rope_key_heads()
+
+    def _check_post_rope_key_heads(self) -> None:
+        heads, n_kv = self.post_rope_key_heads, self.num_key_value_heads
+        if heads < n_kv or heads % n_kv or self.num_attention_heads % heads:
+            raise ValueError(f"post_rope_key_heads={heads} must be a multiple of num_key_value_heads={n_kv} "
+                             f"dividing num_attention_heads={self.num_attention_heads}")
+        if self.k_dim != [self.head_dim] * self.num_hidden_layers or self.rope_inv_freq is not None:
+            raise ValueError("post_rope_key_heads needs full key dims (k_dim = head_dim) and no rope_inv_freq: "
+                             "a model whose heads were compressed with svd_a keeps its key dims")
 
     def layer_rope_schedule(self, layer_idx: int) -> str:
         """The RoPE schedule in force for one layer (unless it has its own ``rope_inv_freq``)."""
@@ -161,6 +178,34 @@ def decode_attention(
     return out.view(b, n_h, s, -1).transpose(1, 2)  # (B, S, n_h, v_dim)
 
 
+class PostRopeKeyProj(nn.Module):
+    """Projects groups of ``t`` rotated keys onto one KV head each (the ``svd_a`` compression).
+
+    ``weight``: (n_kv, t·D, D), per new KV head an orthonormal basis ``Ψ`` of its group's
+    concatenated post-RoPE keys: the cache holds ``k' = [RoPE(k_1) … RoPE(k_t)] Ψ`` and a query
+    head of original KV head ``b`` of the group scores with ``RoPE(q) Ψ_b`` (``Ψ_b``: rows
+    ``b·D:(b+1)·D``), so ``q·k_b ≈ (q Ψ_b)·k'``. Fresh weights are ``[I; …; I] / √t``.
+    """
+
+    def __init__(self, *, kv_heads: int, group_size: int, head_dim: int):
+        super().__init__()
+        self.kv_heads, self.group_size, self.head_dim = kv_heads, group_size, head_dim
+        self.weight = nn.Parameter(torch.empty(kv_heads, group_size * head_dim, head_dim))
+
+    def reset_parameters(self) -> None:
+        eye = torch.eye(self.head_dim).repeat(self.group_size, 1) / self.group_size**0.5  # (t·D, D)
+        init.copy_(self.weight, eye.expand_as(self.weight))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated q (B, n_h, T, D) and k (B, n_kv·t, T, D) -> q' (B, n_h, T, D), k' (B, n_kv, T, D)."""
+        b, n_h, seq, d = q.shape
+        grouped = k.view(b, self.kv_heads, self.group_size, seq, d).transpose(2, 3)  # (B, n_kv, T, t, D)
+        k = grouped.reshape(b, self.kv_heads, seq, -1) @ self.weight  # (B, n_kv, T, t·D) @ (n_kv, t·D, D)
+        blocks = self.weight.view(-1, d, d)  # (n_kv·t, D, D): Ψ_b of each original KV head
+        blocks = blocks.repeat_interleave(n_h // blocks.shape[0], dim=0)  # (n_h, D, D)
+        return q @ blocks, k  # q @ blocks: (B, n_h, T, D)
+
+
 DECODE_MAX_QUERIES = 8  # queries per step up to which asymmetric attention skips padding
 
 
@@ -192,8 +237,9 @@ class KVLatentAttention(LlamaAttention):
             config.hidden_size,
             config.attention_bias,
         )
+        key_heads = config.post_rope_key_heads or n_kv
         self.q_proj = nn.Linear(hidden, n_h * self.k_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, n_kv * self.k_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, key_heads * self.k_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, n_kv * self.v_dim, bias=bias)
         self.o_proj = nn.Linear(n_h * self.v_dim, hidden, bias=bias)
         self.rope = LatentRope(
@@ -202,6 +248,9 @@ class KVLatentAttention(LlamaAttention):
             schedule=config.layer_rope_schedule(layer_idx),
             head_inv_freq=config.layer_inv_freq(layer_idx),
         )
+        self.post_rope_proj = None
+        if config.post_rope_key_heads is not None:
+            self.post_rope_proj = PostRopeKeyProj(kv_heads=n_kv, group_size=key_heads // n_kv, head_dim=self.k_dim)
 
     def forward(
         self,
@@ -216,7 +265,7 @@ class KVLatentAttention(LlamaAttention):
         # each layer rotates at its own reduced key dim.
         input_shape = hidden_states.shape[:-1]  # (B, T)
         q = self.q_proj(hidden_states).view(*input_shape, -1, self.k_dim).transpose(1, 2)  # (B, n_h, T, k_dim)
-        k = self.k_proj(hidden_states).view(*input_shape, -1, self.k_dim).transpose(1, 2)  # (B, n_kv, T, k_dim)
+        k = self.k_proj(hidden_states).view(*input_shape, -1, self.k_dim).transpose(1, 2)  # (B, key heads, T, k_dim)
         v = self.v_proj(hidden_states).view(*input_shape, -1, self.v_dim).transpose(1, 2)  # (B, n_kv, T, v_dim)
 
         if position_ids is None:
@@ -224,6 +273,8 @@ class KVLatentAttention(LlamaAttention):
             position_ids = torch.arange(past, past + input_shape[1], device=q.device)[None]  # (1, T)
         cos, sin = self.rope(q, position_ids)
         q, k = apply_rope(q, k, cos, sin)
+        if self.post_rope_proj is not None:
+            q, k = self.post_rope_proj(q, k)  # k: (B, n_kv, T, k_dim)
 
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -277,6 +328,8 @@ class KVLatentPreTrainedModel(LlamaPreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, LatentRope):
             module.reset_inv_freq()
+        elif isinstance(module, PostRopeKeyProj):
+            module.reset_parameters()
 
 
 class KVLatentModel(KVLatentPreTrainedModel, LlamaModel):

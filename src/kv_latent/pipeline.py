@@ -1,5 +1,6 @@
-"""One ablation job, end to end (DESIGN.md §3.2): validate -> load the original -> calibration
-(when an init needs it) -> surgery -> retrain -> evaluate -> record.
+"""One ablation job, end to end (DESIGN.md §3.2): validate -> load the original -> head compression
+(``gqa``) -> surgery of the dims (``kv``) -> retrain -> evaluate -> record. Calibration runs where a
+head compression or an init needs it.
 
 :func:`make_job` checks everything that can be checked before a model loads (the config rules,
 the model's source, a checkpoint to resume); :func:`run_job` then holds the run directory
@@ -9,6 +10,7 @@ record exists, and writes the record last.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -21,8 +23,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from kv_latent import base_models, records
 from kv_latent.calibration import CalibrationStats, calibrate
-from kv_latent.config import AblationConfig
-from kv_latent.rules import check_ablation
+from kv_latent.config import AblationConfig, recipe_name
+from kv_latent.heads import compress_heads
+from kv_latent.rules import check_ablation, dims_kept
 from kv_latent.data.blocks import load_blocks
 from kv_latent.evaluation.baselines import cached_baseline
 from kv_latent.evaluation.efficiency import kv_bytes_per_token
@@ -81,15 +84,34 @@ def original_perplexity(job: Job, original, val_blocks: torch.Tensor) -> dict[st
     )
 
 
-def calibration_stats(job: Job, original, tokenizer) -> CalibrationStats | None:
-    """The original's calibration statistics when an init of the job needs them (else None),
-    cached in ``<output_root>/calibration/`` and shared by every job of a sweep."""
-    kv = job.cfg.kv
-    if not kv.needs_calibration:
+def calibration_stats(job: Job, model, tokenizer, *, settings, name: str,
+                      group_size: int | None = None) -> CalibrationStats | None:
+    """``model``'s calibration statistics when ``settings`` (the job's ``kv`` or ``gqa`` group) needs
+    them, else None; cached in ``<output_root>/calibration/`` and shared by every job of a sweep."""
+    if not settings.needs_calibration:
         return None
-    return calibrate(original, data=job.cfg.data, tokens=kv.calib_tokens, seq_len=kv.calib_seq_len,
-                     cache_dir=job.output_root / "calibration", name=job.cfg.model.name, tokenizer=tokenizer,
-                     batch_size=job.cfg.train.batch_size)
+    return calibrate(model, data=job.cfg.data, tokens=settings.calib_tokens, seq_len=settings.calib_seq_len,
+                     cache_dir=job.output_root / "calibration", name=name, tokenizer=tokenizer,
+                     batch_size=job.cfg.train.batch_size, group_size=group_size)
+
+
+def make_student(job: Job, original, tokenizer):
+    """Heads first, at full head dim (``gqa``), then the dims (``kv``; DESIGN.md §5); ``original`` is
+    untouched. Where the dims stay (:func:`~kv_latent.rules.dims_kept`) the student is the
+    head-compressed model, or a copy of the original: a stock Llama but for ``svd_a``."""
+    cfg = job.cfg
+    model, name = original, cfg.model.name
+    if cfg.gqa.converts:
+        stats = calibration_stats(job, original, tokenizer, settings=cfg.gqa, name=name,
+                                  group_size=cfg.model.num_key_value_heads // cfg.gqa.kv_heads)
+        model = compress_heads(original, mode=cfg.gqa.mode, kv_heads=cfg.gqa.kv_heads, stats=stats,
+                               query_aware=cfg.gqa.query_aware)
+        name = f"{name}-{records.gqa_name(job.config['gqa'])}"
+    if dims_kept(cfg):
+        return copy.deepcopy(original) if model is original else model
+    return build_student(model, k_dim=cfg.kv.k_dim, v_dim=cfg.kv.v_dim, qk_init=cfg.kv.qk_init,
+                         vo_init=cfg.kv.vo_init, rope=cfg.rope.schedule, rope_at_full_dim=cfg.rope.at_full_dim,
+                         stats=calibration_stats(job, model, tokenizer, settings=cfg.kv, name=name))
 
 
 def run_job(
@@ -115,10 +137,7 @@ def _run(job: Job, *, group: str | None, overrides: list[str]) -> dict[str, Any]
     started, code = time.perf_counter(), records.git_commit()
     cfg = job.cfg
     original, tokenizer = base_models.load_base_model(cfg.model, cache_dir=job.cache_dir, device=_device(cfg))
-    student = build_student(original, k_dim=cfg.kv.k_dim, v_dim=cfg.kv.v_dim, qk_init=cfg.kv.qk_init,
-                            vo_init=cfg.kv.vo_init, rope=cfg.rope.schedule, rope_at_full_dim=cfg.rope.at_full_dim,
-                            stats=calibration_stats(job, original, tokenizer))
-    train_blocks = load_blocks(cfg.data, "train", tokenizer=tokenizer)
+    student = make_student(job, original, tokenizer)
     val_blocks = load_blocks(cfg.data, "val", tokenizer=tokenizer)
 
     base = original_perplexity(job, original, val_blocks)
@@ -130,21 +149,23 @@ def _run(job: Job, *, group: str | None, overrides: list[str]) -> dict[str, Any]
     loggers = job_loggers(cfg.logger, job.run_dir, name=job.name, group=group, config=job.config,
                           tags=_tags(cfg))
     try:
-        student, train_metrics = fit(
-            student,
-            teacher=original if cfg.train.needs_teacher else None,
-            train_blocks=train_blocks,
-            cfg=cfg.train,
-            trainer_cfg=cfg.trainer,
-            run_dir=job.run_dir,
-            loggers=loggers.lightning,
-            pretrain_tokens=cfg.model.pretrain_tokens,
-        )
-        metrics.update(train_metrics)
-        if rank_zero_only.rank != 0:  # under DDP every rank returns from fit; only one writes
-            return {}
-        student.to(_device(cfg))
-        after = perplexity(student, val_blocks, batch_size=cfg.train.batch_size)
+        after = before  # surgery only: the student is evaluated as surgery left it
+        if cfg.train.retrains:
+            student, train_metrics = fit(
+                student,
+                teacher=original if cfg.train.needs_teacher else None,
+                train_blocks=load_blocks(cfg.data, "train", tokenizer=tokenizer),
+                cfg=cfg.train,
+                trainer_cfg=cfg.trainer,
+                run_dir=job.run_dir,
+                loggers=loggers.lightning,
+                pretrain_tokens=cfg.model.pretrain_tokens,
+            )
+            metrics.update(train_metrics)
+            if rank_zero_only.rank != 0:  # under DDP every rank returns from fit; only one writes
+                return {}
+            student.to(_device(cfg))
+            after = perplexity(student, val_blocks, batch_size=cfg.train.batch_size)
         metrics.update({"val/loss": after["loss"], "val/ppl": after["ppl"]})
         metrics.update(evaluate_job(student, original, tokenizer, cfg.eval, cache_dir=job.cache_dir,
                                     baseline_cache_dir=job.output_root / "baselines"))
@@ -160,7 +181,8 @@ def _run(job: Job, *, group: str | None, overrides: list[str]) -> dict[str, Any]
 def _tags(cfg: AblationConfig) -> list[str]:
     return [f"model={cfg.model.name}", f"k_dim={cfg.kv.k_dim}", f"v_dim={cfg.kv.v_dim}",
             f"qk_init={cfg.kv.qk_init}", f"vo_init={cfg.kv.vo_init}", f"rope={cfg.rope.schedule}",
-            f"gqa={cfg.gqa.mode}", f"train={'+'.join(cfg.train.stages)}"]
+            f"gqa={cfg.gqa.mode}", f"kv_heads={cfg.gqa.kv_heads or cfg.model.num_key_value_heads}",
+            f"train={recipe_name(cfg.train.stages)}"]
 
 
 def _write_outputs(
@@ -174,7 +196,7 @@ def _write_outputs(
     kv = {"bytes_per_token": kv_bytes_per_token(student.config, dtype=dtype),
           "original_bytes_per_token": kv_bytes_per_token(original.config, dtype=dtype)}
     kv["ratio"] = kv["bytes_per_token"] / kv["original_bytes_per_token"]
-    tokens = int(metrics["train/tokens"])
+    tokens = int(metrics.get("train/tokens", 0))
     pretrain_tokens = job.cfg.model.pretrain_tokens
     return records.write_record(
         job.run_dir,

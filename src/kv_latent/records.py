@@ -25,6 +25,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from kv_latent.config import recipe_name
 from kv_latent.files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def run_name(config: dict[str, Any]) -> str:
     """A stable, readable directory name from the job's values plus its config hash.
 
     A dim initialised otherwise than by the paper's stride names its init: ``k32-qk_energy_v32-pca``
-    (``k32_v32`` for strided ones, and for records from before the inits were choices).
+    (``k32_v32`` for strided ones, and for records from before the inits were choices); compressed
+    heads name their count, ``rope_pca-kv2``; a job without retraining is ``surgery``.
     """
     kv, rope, gqa, train = config["kv"], config["rope"], config["gqa"], config["train"]
 
@@ -65,8 +67,17 @@ def run_name(config: dict[str, Any]) -> str:
 
     return (
         f"{config['model']['name']}/{dim('k', 'k_dim', 'qk_init')}_{dim('v', 'v_dim', 'vo_init')}_{rope['schedule']}"
-        f"_{gqa['mode']}_{'+'.join(train['stages'])}-{config_hash(config)}"
+        f"_{gqa_name(gqa)}_{recipe_name(train['stages'])}-{config_hash(config)}"
     )
+
+
+def gqa_name(gqa: dict[str, Any]) -> str:
+    """The head-compression part of a run name: ``keep``, or the mode and KV heads, ``svd_a-kv2``
+    (``rope_pca-kv2-qa`` when query-aware)."""
+    kv_heads = gqa.get("kv_heads")
+    if kv_heads is None:
+        return gqa["mode"]
+    return f"{gqa['mode']}-kv{kv_heads}" + ("-qa" if gqa.get("query_aware") else "")
 
 
 def git_commit(repo: Path | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ devices, task names against lm-eval) is checked here, with an error that names t
 from __future__ import annotations
 
 from kv_latent.config import (
+    CALIBRATED_GQA_MODES,
     CALIBRATED_INITS,
     AblationConfig,
     ConfigError,
@@ -74,20 +75,54 @@ def _check_qk_init(qk_init: str, *, k_dim: int, head_dim: int, schedule: str) ->
         )
 
 
+def check_gqa(cfg: AblationConfig) -> None:
+    """Head compression against the model's heads and the dims it composes with (DESIGN.md §5)."""
+    gqa, m = cfg.gqa, cfg.model
+    if not gqa.converts:
+        return
+    n_kv = m.num_key_value_heads
+    if gqa.kv_heads > n_kv or n_kv % gqa.kv_heads:
+        allowed = [d for d in range(1, n_kv + 1) if n_kv % d == 0]
+        raise ConfigError(
+            f"gqa.kv_heads={gqa.kv_heads} must divide the KV heads of model {m.name!r} "
+            f"(model.num_key_value_heads={n_kv}); allowed: {allowed}"
+        )
+    if gqa.mode == "svd_a" and not dims_kept(cfg):
+        kv = cfg.kv
+        raise ConfigError(
+            f"gqa.mode=svd_a projects keys after RoPE, which composes with the full dims only (kv.k_dim = "
+            f"kv.v_dim = head_dim = {m.head_dim}, strided inits, no rope.at_full_dim schedule); got kv.k_dim="
+            f"{kv.k_dim}, kv.v_dim={kv.v_dim}, kv.qk_init={kv.qk_init}, kv.vo_init={kv.vo_init}: use "
+            "gqa=rope_pca to combine head compression with reduced dims"
+        )
+
+
+def dims_kept(cfg: AblationConfig) -> bool:
+    """Whether the dims surgery leaves a model's function and layout as they are: full dims,
+    strided inits, no RoPE schedule at full dim."""
+    m, kv, rope = cfg.model, cfg.kv, cfg.rope
+    return ((kv.k_dim, kv.v_dim) == (m.head_dim, m.head_dim) and (kv.qk_init, kv.vo_init) == ("strided", "strided")
+            and (rope.schedule == "standard" or not rope.at_full_dim))
+
+
 def check_calibration(cfg: AblationConfig) -> None:
-    """Calibration settings against the inits that need them and the model's context."""
-    needing = [f"kv.{key}={getattr(cfg.kv, key)}" for key in ("qk_init", "vo_init")
-               if getattr(cfg.kv, key) in CALIBRATED_INITS]
-    if needing and cfg.kv.calib_tokens == 0:
-        raise ConfigError(
-            f"{' and '.join(needing)} need(s) calibration statistics of the original model: "
-            "set kv.calib_tokens > 0 (got 0)"
-        )
-    if needing and cfg.kv.calib_seq_len > cfg.model.max_position_embeddings:
-        raise ConfigError(
-            f"kv.calib_seq_len={cfg.kv.calib_seq_len} exceeds the context of model {cfg.model.name!r} "
-            f"(model.max_position_embeddings={cfg.model.max_position_embeddings}); use at most that"
-        )
+    """Calibration settings against the inits and head compressions that need them and the model's context."""
+    for group, needing in (
+        ("kv", [f"kv.{key}={getattr(cfg.kv, key)}" for key in ("qk_init", "vo_init")
+                if getattr(cfg.kv, key) in CALIBRATED_INITS]),
+        ("gqa", [f"gqa.mode={cfg.gqa.mode}"] if cfg.gqa.mode in CALIBRATED_GQA_MODES else []),
+    ):
+        settings = getattr(cfg, group)
+        if needing and settings.calib_tokens == 0:
+            raise ConfigError(
+                f"{' and '.join(needing)} need(s) calibration statistics of the original model: "
+                f"set {group}.calib_tokens > 0 (got 0)"
+            )
+        if needing and settings.calib_seq_len > cfg.model.max_position_embeddings:
+            raise ConfigError(
+                f"{group}.calib_seq_len={settings.calib_seq_len} exceeds the context of model {cfg.model.name!r} "
+                f"(model.max_position_embeddings={cfg.model.max_position_embeddings}); use at most that"
+            )
 
 
 def _check_windows(model: ModelConfig, train: TrainConfig, data: DataConfig, prefix: str = "") -> None:
@@ -99,7 +134,7 @@ def _check_windows(model: ModelConfig, train: TrainConfig, data: DataConfig, pre
     if data.seq_len != train.seq_len:
         raise ConfigError(f"{prefix}data.seq_len={data.seq_len} must equal {prefix}train.seq_len={train.seq_len}")
     budget = train.budget_tokens(model.pretrain_tokens)
-    if budget < train.tokens_per_step * len(train.stages):
+    if budget < train.tokens_per_step * len(train.stages):  # surgery only (no stages) needs no budget
         raise ConfigError(
             f"the budget of {budget} tokens ({prefix}train.tokens / {prefix}train.pretrain_fraction) is less "
             f"than one step of {train.tokens_per_step} tokens ({prefix}train.batch_size x {prefix}train.seq_len) "
@@ -130,6 +165,7 @@ def check_ablation(cfg: AblationConfig) -> AblationConfig:
         )
     check_kv_dims(k_dim=cfg.kv.k_dim, v_dim=cfg.kv.v_dim, head_dim=m.head_dim, qk_init=cfg.kv.qk_init,
                   vo_init=cfg.kv.vo_init, schedule=cfg.rope.schedule, at_full_dim=cfg.rope.at_full_dim)
+    check_gqa(cfg)
     check_calibration(cfg)
     _check_windows(m, cfg.train, cfg.data)
     _check_devices(cfg.trainer, cfg.train)

@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from kv_latent.config import TrainConfig
 from kv_latent.training.losses import kd_loss, masked_mse, ntp_loss, tap_layers
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "post_rope_proj")  # + svd_a key projection
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
 
