@@ -225,7 +225,7 @@ def training_curves(runs: Runs) -> Figure | None:
     frame = runs.frame
     if frame.empty:
         return None
-    plotted = frame[frame["config_hash"].isin(runs.curves)]
+    plotted = frame[frame["config_hash"].isin(runs.curves) & (frame["recipe"] != SURGERY)]  # surgery only: no loss
     if plotted.empty:
         return None
     models = sorted(plotted["model.name"].unique())

@@ -279,3 +279,60 @@ def test_experiment_composes(name):
 def test_experiment_points_cover_every_value():
     points = sweep_points({"model": "a,b", "kv.k_dim": "64,32,16"})
     assert points == [["model=a", "kv.k_dim=64"], ["model=b", "kv.k_dim=32"], ["model=a", "kv.k_dim=16"]]
+
+
+# The study tables: a retrained record and a surgery-only record of one cell share a row.
+
+STUDIES = ROOT / "tests" / "fixtures" / "studies"
+STUDY_RECORDS = {json.loads(p.read_text())["config_hash"]: json.loads(p.read_text()) for p in STUDIES.rglob("record.json")}
+
+
+@pytest.fixture(scope="module")
+def study_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("studies")
+    make_tables.main([str(STUDIES), "--out", str(out)])
+    return out
+
+
+def test_the_init_table_pairs_surgery_only_and_retrained_records(study_out):
+    table = read(study_out, "init_ablation")
+    by_key = {(r["kv.qk_init"], r["rope.schedule"], r["kv.vo_init"]): r for _, r in table.iterrows() if r["recipe"] != "original"}
+    assert set(by_key) == {("strided", "standard", "strided"), ("strided", "standard", "pca"),
+                           ("freq_matched", "freq_aware", "strided"), ("strided", "freq_aware", "strided")}
+    for key in (("strided", "standard", "strided"), ("freq_matched", "freq_aware", "strided")):
+        row = by_key[key]
+        retrained, surgery = STUDY_RECORDS[row["config_hash"]], STUDY_RECORDS[row["surgery/config_hash"]]
+        assert retrained["config"]["train"]["stages"] == ["intra", "ntp"] and surgery["config"]["train"]["stages"] == []
+        assert row["val/ppl"] == retrained["metrics"]["val/ppl"] and row["needle/mean"] == retrained["metrics"]["needle/mean"]
+        assert row["surgery/needle/mean"] == surgery["metrics"]["needle/mean"]
+        assert row["surgery/val/ppl"] == pytest.approx(surgery["metrics"]["val/ppl"], rel=1e-9)
+    only = by_key["strided", "freq_aware", "strided"]  # surgery only: no retrained numbers
+    assert pd.isna(only["recipe"]) and pd.isna(only["val/ppl"]) and pd.isna(only["config_hash"])
+    assert only["surgery/val/ppl"] == STUDY_RECORDS[only["surgery/config_hash"]]["metrics"]["val/ppl"]
+    pca = by_key["strided", "standard", "pca"]  # retrained only: the surgery/val/ppl of its own record
+    assert pd.isna(pca["surgery/needle/mean"]) and pca["surgery/val/ppl"] == STUDY_RECORDS[pca["config_hash"]]["metrics"]["surgery/val/ppl"]
+    # 1 of 40 retrievals (1 context x 5 depths x 8 trials), Agresti-Coull: p' = 3/44
+    strided = by_key["strided", "standard", "strided"]
+    assert strided["needle/mean"] == 0.025 and strided["needle/stderr"] == pytest.approx((3 / 44 * 41 / 44 / 44) ** 0.5)
+    original = table.iloc[0]
+    assert original["recipe"] == "original"
+    assert original["model.name"] == "tiny_mha"
+    assert original["needle/mean"] == STUDY_RECORDS[strided["config_hash"]]["metrics"]["original/needle/mean"]
+
+
+def test_the_gqa_table_shows_the_mode_and_heads_and_keeps_the_identity_arm(study_out):
+    table = read(study_out, "gqa_conversion")
+    assert set(table["model.name"]) == {"tiny_gqa"}  # only records of the head-compression evaluation
+    rows = {(r["gqa.mode"], r["gqa.kv_heads"]): r for _, r in table.iterrows() if r["recipe"] != "original"}
+    assert set(rows) == {("rope_pca", 1), ("svd_a", 2), ("mean_pool", 1)}
+    for row in rows.values():
+        record = STUDY_RECORDS[row["surgery/config_hash"]]
+        assert row["kv.ratio"] == record["kv"]["ratio"] and row["surgery/val/ppl"] == record["metrics"]["val/ppl"]
+        assert row["surgery/needle/mean"] == record["metrics"]["needle/mean"]
+        assert row["efficiency/ms_per_token_ratio"] == record["metrics"]["efficiency/ms_per_token_ratio"]
+    original = table[table["recipe"] == "original"].iloc[0]
+    identity = rows["svd_a", 2]  # kv_heads = n_kv: the original's function
+    assert identity["kv.ratio"] == 1.0 and identity["surgery/val/ppl"] == pytest.approx(original["val/ppl"], rel=1e-6)
+    assert rows["rope_pca", 1]["kv.ratio"] == 0.5
+    md = (study_out / "tables" / "gqa_conversion.md").read_text()
+    assert "rope_pca" in md and "nan" not in md.lower()
