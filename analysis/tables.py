@@ -186,7 +186,8 @@ INIT_CELL = ["model.name", "kv.k_dim", "kv.v_dim", "kv.qk_init", "rope.schedule"
 INIT_ORDER = {"kv.qk_init": ["strided", "freq_matched", "qk_energy"], "rope.schedule": ["standard", "freq_aware"],
               "kv.vo_init": ["strided", "pca"]}
 # Head compression (DESIGN.md §5): the mode, its KV heads and the dims it composes with.
-GQA_CELL = ["model.name", "gqa.mode", "gqa.query_aware", "gqa.kv_heads", "kv.k_dim", "kv.v_dim", "eval.name"]
+GQA_CELL = ["model.name", "gqa.mode", "gqa.query_aware", "gqa.kv_heads", "kv.k_dim", "kv.v_dim", "kv.qk_init",
+            "kv.vo_init", "eval.name"]
 GQA_ORDER = {"gqa.mode": ["keep", "mean_pool", "svd_w", "svd_a", "rope_pca"]}
 
 
@@ -245,10 +246,12 @@ def _caption(what: str) -> str:
 def init_table(frame: pd.DataFrame) -> Table | None:
     """The init ablation: per model, dims, key arm and value init, the val perplexity and needle
     before and after retraining. None unless some record uses a data-aware init."""
-    if "kv.qk_init" not in frame or not (frame[["kv.qk_init", "kv.vo_init"]] != "strided").any(axis=None):
+    if "kv.qk_init" not in frame:
         return None
     rows = frame[frame.get("gqa.mode", pd.Series("keep", index=frame.index)).fillna("keep") == "keep"]
     rows = rows.dropna(subset=["kv.qk_init"])
+    if not (rows[["kv.qk_init", "kv.vo_init"]] != "strided").any(axis=None):
+        return None
     return Table(name="init_ablation", frame=before_and_after(rows, INIT_CELL, INIT_ORDER),
                  caption=_caption("Initialisations of the reduced dims (head count kept):"),
                  sources=sources_of(rows))
