@@ -248,8 +248,9 @@ def init_table(frame: pd.DataFrame) -> Table | None:
     before and after retraining. None unless some record uses a data-aware init."""
     if "kv.qk_init" not in frame:
         return None
-    rows = frame[frame.get("gqa.mode", pd.Series("keep", index=frame.index)).fillna("keep") == "keep"]
-    rows = rows.dropna(subset=["kv.qk_init"])
+    rows = frame.dropna(subset=["kv.qk_init"])
+    if "gqa.mode" in rows:
+        rows = rows[rows["gqa.mode"].fillna("keep") == "keep"]
     if not (rows[["kv.qk_init", "kv.vo_init"]] != "strided").any(axis=None):
         return None
     return Table(name="init_ablation", frame=before_and_after(rows, INIT_CELL, INIT_ORDER),

@@ -20,7 +20,8 @@ from kv_latent.calibration import GROUP_KINDS, STATS_VERSION, _tensor_hash, cach
 from kv_latent.config import TrainConfig
 from kv_latent.evaluation.baselines import model_fingerprint
 from kv_latent.evaluation.efficiency import kv_bytes_per_token, measured_kv_bytes_per_token
-from kv_latent.heads import CALIBRATED_MODES, GQA_MODES, compress_heads
+from kv_latent.config import CALIBRATED_GQA_MODES
+from kv_latent.heads import GQA_MODES, compress_heads
 from kv_latent.modeling import KVLatentForCausalLM
 from kv_latent.surgery import build_student
 from kv_latent.training.module import ATTENTION_PROJECTIONS, prepare_student
@@ -51,7 +52,7 @@ def llama(*, n_kv: int, bias: bool = False, dtype: torch.dtype = torch.float32, 
 
 def compress(original, mode: str, kv_heads: int, query_aware: bool = False):
     t = original.config.num_key_value_heads // kv_heads
-    stats = second_moments(original, BLOCKS, group_size=t) if mode in CALIBRATED_MODES else None
+    stats = second_moments(original, BLOCKS, group_size=t) if mode in CALIBRATED_GQA_MODES else None
     return compress_heads(original, mode=mode, kv_heads=kv_heads, stats=stats, query_aware=query_aware)
 
 
@@ -252,7 +253,7 @@ def test_bad_requests_name_the_key():
             compress_heads(original, mode="mean_pool", kv_heads=kv_heads)
     with pytest.raises(ValueError, match=r"gqa\.mode='svd' is unknown"):
         compress_heads(original, mode="svd", kv_heads=2)
-    for mode in CALIBRATED_MODES:
+    for mode in CALIBRATED_GQA_MODES:
         with pytest.raises(ValueError, match=rf"gqa\.mode='{mode}' at gqa\.kv_heads=2 needs calibration statistics"):
             compress_heads(original, mode=mode, kv_heads=2)
         with pytest.raises(ValueError, match="group moments of 4 KV heads .* got group_size=2"):
@@ -334,3 +335,10 @@ def test_group_moments_are_cached_apart_and_checked(tmp_path):
         torn.check_matches(model.config)
     with pytest.raises(ValueError, match="group_size=3 must divide the model's 4 KV heads"):
         second_moments(model, BLOCKS, group_size=3)
+
+
+def test_every_configurable_mode_has_a_compressor():
+    from kv_latent.config import GQAMode
+
+    assert {str(m) for m in GQAMode} - {"keep"} == set(GQA_MODES)
+    assert CALIBRATED_GQA_MODES <= set(GQA_MODES)

@@ -31,10 +31,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from kv_latent.calibration import CalibrationStats, LayerMoments
+from kv_latent.config import CALIBRATED_GQA_MODES
 from kv_latent.modeling import KVLatentConfig, KVLatentForCausalLM
 
-GQA_MODES = ("mean_pool", "svd_w", "svd_a", "rope_pca")  # "keep" is handled by the caller
-CALIBRATED_MODES = ("svd_a", "rope_pca")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", KVLatentConfig.model_type)
 QUERY_DAMPING = 0.01  # query-aware rope_pca: pair energies + 1% of the group's mean pair energy
 _NOT_LLAMA_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version", "sliding_window",
@@ -171,6 +170,7 @@ def rope_pca(w: GroupedAttention, stats: LayerMoments, *, query_aware: bool) -> 
 
 Compressor = Callable[..., GroupedAttention]  # (weights, layer stats, *, query_aware) -> compressed
 COMPRESSORS: dict[str, Compressor] = {"mean_pool": mean_pool, "svd_w": svd_w, "svd_a": svd_a, "rope_pca": rope_pca}
+GQA_MODES = tuple(COMPRESSORS)  # "keep" is handled by the caller
 
 
 def _check_original(config) -> None:
@@ -205,7 +205,7 @@ def _check_request(original: PreTrainedModel, *, mode: str, kv_heads: int, stats
     if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or n_kv % kv_heads:
         divisors = [d for d in range(1, n_kv + 1) if n_kv % d == 0]
         raise ValueError(f"gqa.kv_heads={kv_heads!r} must divide the original's {n_kv} KV heads: one of {divisors}")
-    if mode in CALIBRATED_MODES:
+    if mode in CALIBRATED_GQA_MODES:
         group = n_kv // kv_heads
         if stats is None or stats.group_size != group:
             have = "none" if stats is None else f"group_size={stats.group_size}"
