@@ -1,6 +1,7 @@
 """One function per figure. Each returns a :class:`~analysis.output.Figure` (or None when no record
 holds what it needs); heatmaps share :func:`heatmap`, and every figure's plotted numbers go to its
-JSON sidecar.
+JSON sidecar. Figures plot cells (:func:`~analysis.frame.seed_cells`: the mean over seeds) but the
+training curves, which are one run's each; labels name the RoPE each student ran (``rope_as_run``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter  # noqa: E402
 
-from analysis.frame import ORIGINAL, Runs, signature, with_originals  # noqa: E402
+from analysis.frame import ORIGINAL, SEED, Runs, members, signature, with_originals  # noqa: E402
 from analysis.output import Figure, sources_of  # noqa: E402
 from analysis.tables import (  # noqa: E402
     SURGERY,
@@ -41,11 +42,15 @@ QUALITY = {
 }
 
 
-def label(row: pd.Series) -> str:
-    """A short run label: ``d_qk/d_vo rope recipe``."""
+def label(row: pd.Series, *, seed: bool = False) -> str:
+    """A short label: ``d_qk/d_vo rope_as_run recipe``, then the run's seed (``seed``) or a cell's
+    seed count when over one."""
     if row["recipe"] == ORIGINAL:
         return f"{row['model.name']} original"
-    return f"{row['kv.k_dim']:.0f}/{row['kv.v_dim']:.0f} {row.get('rope.schedule', '')} {row['recipe']}"
+    text = f"{row['kv.k_dim']:.0f}/{row['kv.v_dim']:.0f} {row.get('rope_as_run', '')} {row['recipe']}"
+    if seed:
+        return f"{text} seed {row[SEED]}"
+    return f"{text} n={row['n']:.0f}" if row.get("n", 1) > 1 else text
 
 
 def heatmap(ax, matrix: pd.DataFrame, *, fmt: str, cmap: str, vmin=None, vmax=None):
@@ -73,8 +78,19 @@ def _main_variant(students: pd.DataFrame) -> pd.DataFrame:
     return students[variant == variant.value_counts().index[0]]
 
 
-def kv_heatmaps(frame: pd.DataFrame) -> Figure | None:
-    """d_qk x d_vo heatmaps per model: val perplexity and, when present, the headline benchmark."""
+def rope_title(grid: pd.DataFrame) -> str:
+    """The RoPE a grid ran: one schedule, or which key dims ran which (the §2.2 confound, in view)."""
+    ran = grid.groupby("rope_as_run")["kv.k_dim"].unique()
+    if len(ran) == 1:
+        return f"{ran.index[0]} RoPE"
+    return "RoPE ran: " + ", ".join(f"{rope} (d_qk {', '.join(f'{d:.0f}' for d in sorted(dims, reverse=True))})"
+                                    for rope, dims in ran.items())
+
+
+def kv_heatmaps(runs: Runs) -> Figure | None:
+    """d_qk x d_vo heatmaps per model (means over seeds): val perplexity and, when present, the
+    headline benchmark."""
+    frame = runs.cells
     if frame.empty:
         return None
     bench = headline_benchmark(frame)
@@ -92,7 +108,7 @@ def kv_heatmaps(frame: pd.DataFrame) -> Figure | None:
                                     columns=sorted(grid["kv.v_dim"].unique(), reverse=True))
             percent = metric != "val/ppl"
             ax = axes[row, col]
-            ax.set_title(f"{model}: {metric}\n{first.get('rope.schedule')} RoPE, {first['recipe']}", fontsize=10)
+            ax.set_title(f"{model}: {metric}, {first['recipe']}\n{rope_title(grid)}", fontsize=9)
             if matrix.isna().all().all():
                 ax.text(0.5, 0.5, f"no record of {model}\nhas {metric}", ha="center", va="center", transform=ax.transAxes)
                 ax.set_axis_off()
@@ -111,8 +127,8 @@ def kv_heatmaps(frame: pd.DataFrame) -> Figure | None:
     return Figure(
         name="kv_heatmap",
         figure=fig,
-        caption="Retrained students over the d_qk x d_vo grid (brighter is better; grey: no record).",
-        sources=sources_of(*used),
+        caption="Retrained students over the d_qk x d_vo grid, means over seeds (brighter is better; grey: no record).",
+        sources=sources_of(members(runs.frame, pd.concat(used)["config_hash"])),
         data=data,
     )
 
@@ -172,8 +188,10 @@ def kv_axes(ax, ratios: pd.Series, *, y_label: str, log_y: bool) -> None:
     ax.legend(fontsize=8)
 
 
-def pareto_figure(frame: pd.DataFrame) -> Figure | None:
-    """Quality against KV-cache size (share of the original, log scale), with each model's front."""
+def pareto_figure(runs: Runs) -> Figure | None:
+    """Quality against KV-cache size (share of the original, log scale), with each model's front;
+    a point is a cell's mean over seeds, the benchmark average without benchmarks at chance."""
+    frame = runs.cells
     if frame.empty or "kv.ratio" not in frame:
         return None
     rows = with_average(with_originals(frame[frame["recipe"] != SURGERY]))
@@ -212,9 +230,9 @@ def pareto_figure(frame: pd.DataFrame) -> Figure | None:
     return Figure(
         name="pareto",
         figure=fig,
-        caption="Each point a retrained student, stars the original models; lines join each model's "
-        "Pareto front (no smaller cache is as good).",
-        sources=sources_of(frame[frame["kv.ratio"].notna()]),
+        caption="Each point a retrained student (mean over seeds), stars the original models; lines join each "
+        "model's Pareto front (no smaller cache is as good).",
+        sources=sources_of(members(runs.frame, frame.loc[frame["kv.ratio"].notna(), "config_hash"])),
         data=data,
     )
 
@@ -233,6 +251,7 @@ def training_curves(runs: Runs) -> Figure | None:
     data = {}
     for ax, model in zip(axes[0], models):
         runs_of_model = plotted[plotted["model.name"] == model]
+        seeds = SEED in runs_of_model and runs_of_model[SEED].nunique() > 1
         colours = plt.get_cmap("tab20").colors
         for colour, (_, row) in zip(colours * 10, runs_of_model.iterrows()):
             curve = runs.curves[row["config_hash"]]
@@ -248,7 +267,7 @@ def training_curves(runs: Runs) -> Figure | None:
                     "last_x": steps[x_key].iloc[-1] if len(steps) else None,
                     "last": steps[loss].iloc[-1] if len(steps) else None,
                 }
-            ax.plot([], [], color=colour, label=label(row))
+            ax.plot([], [], color=colour, label=label(row, seed=seeds))
         for loss, style in STAGE_LOSSES.items():
             if any(loss in runs.curves[h] for h in runs_of_model["config_hash"]):
                 ax.plot([], [], color="0.3", ls=style, label=loss)
@@ -277,8 +296,10 @@ def needle_matrix(row: pd.Series) -> pd.DataFrame:
     return long.pivot_table(index="depth", columns="context", values="success", aggfunc="first").sort_index()
 
 
-def needle_figure(frame: pd.DataFrame) -> Figure | None:
-    """Needle-in-a-haystack success (%) per depth x context length, one panel per run and original."""
+def needle_figure(runs: Runs) -> Figure | None:
+    """Needle-in-a-haystack success (%) per depth x context length, one panel per cell (mean over
+    seeds) and original."""
+    frame = runs.cells
     if frame.empty or not any(NEEDLE_CELL.match(c) for c in frame.columns):
         return None
     rows = with_originals(frame)
@@ -294,8 +315,9 @@ def needle_figure(frame: pd.DataFrame) -> Figure | None:
         ax.set_title(label(row) if row["recipe"] == ORIGINAL else f"{row['model.name']}\n{label(row)}", fontsize=8)
         ax.set_xlabel("context length (tokens)", fontsize=8)
         ax.set_ylabel("needle depth (share of haystack)", fontsize=8)
-        data[row["name"]] = {"depth": matrix.index.tolist(), "context": matrix.columns.tolist(),
-                             "values": matrix.to_numpy().tolist()}
+        key = row["name"] if row["recipe"] == ORIGINAL else row["config_hash"]
+        data[key] = {"depth": matrix.index.tolist(), "context": matrix.columns.tolist(),
+                     "values": matrix.to_numpy().tolist()}
     for ax in axes.flat[len(rows):]:
         ax.set_visible(False)
     fig.tight_layout()
@@ -303,8 +325,8 @@ def needle_figure(frame: pd.DataFrame) -> Figure | None:
     return Figure(
         name="needle",
         figure=fig,
-        caption="Needle-in-a-haystack success rate (%) by needle depth and context length.",
-        sources=sources_of(frame[frame.reindex(columns=cells).notna().any(axis=1)]),
+        caption="Needle-in-a-haystack success rate (%) by needle depth and context length, means over seeds.",
+        sources=sources_of(members(runs.frame, rows["config_hash"])),
         data=data,
     )
 
@@ -319,9 +341,10 @@ def family(row: pd.Series) -> str:
     return "both" if heads and dims else "heads" if heads else "dims"
 
 
-def kv_bytes_quality(frame: pd.DataFrame) -> Figure | None:
-    """Retrained val perplexity against KV-cache size, heads and dims cut on one plot per model: the
-    records of the head-compression studies' evaluation (DESIGN.md §5)."""
+def kv_bytes_quality(runs: Runs) -> Figure | None:
+    """Retrained val perplexity (mean over seeds) against KV-cache size, heads and dims cut on one
+    plot per model: the cells of the head-compression studies' evaluation (DESIGN.md §5)."""
+    frame = runs.cells
     if "gqa.mode" not in frame or not (frame["gqa.mode"].fillna("keep") != "keep").any():
         return None
     converted = frame[frame["gqa.mode"] != "keep"]
@@ -356,7 +379,7 @@ def kv_bytes_quality(frame: pd.DataFrame) -> Figure | None:
         figure=fig,
         caption="Each point a retrained student of the head-compression studies' evaluation: heads (gqa mode "
         "and KV heads at full dims), dims (d_qk/d_vo with every KV head) or both; the star is the original.",
-        sources=sources_of(rows),
+        sources=sources_of(members(runs.frame, rows["config_hash"])),
         data=data,
     )
 
@@ -365,10 +388,10 @@ def all_figures(runs: Runs) -> list[Figure]:
     """Every figure the records allow (the RoPE figure always: it needs none)."""
     figures = [
         rope_figure(),
-        kv_heatmaps(runs.frame),
-        pareto_figure(runs.frame),
+        kv_heatmaps(runs),
+        pareto_figure(runs),
         training_curves(runs),
-        needle_figure(runs.frame),
-        kv_bytes_quality(runs.frame),
+        needle_figure(runs),
+        kv_bytes_quality(runs),
     ]
     return [f for f in figures if f is not None]

@@ -29,8 +29,8 @@ from analysis.tables import ABLATIONS, all_tables  # noqa: E402
 
 log = logging.getLogger("make_tables")
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
-ARTEFACTS = {"main", "k_versus_v", "efficiency", "rope_stability", "init_ablation", "gqa_conversion", "kv_bytes_quality", *ABLATIONS.values(),
-             "kv_heatmap", "pareto", "training_curves", "needle"}
+ARTEFACTS = {"main", "k_versus_v", "k_versus_v_summary", "efficiency", "rope_stability", "init_ablation",
+             "gqa_conversion", "kv_bytes_quality", *ABLATIONS.values(), "kv_heatmap", "pareto", "training_curves", "needle"}
 
 
 def default_records_root() -> Path:
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(runs: Runs, out: Path) -> tuple[list[Table], list[Figure], list[Path]]:
     """Make and write every artefact the runs allow; return them and the files written."""
-    tables, figures = all_tables(runs.frame), all_figures(runs)
+    tables, figures = all_tables(runs), all_figures(runs)
     paths = [p for t in tables for p in write_table(t, out / "tables")]
     paths += [p for f in figures for p in write_figure(f, out / "figures")]
     return tables, figures, paths

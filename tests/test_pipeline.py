@@ -12,9 +12,11 @@ from hydra import compose, initialize_config_dir
 
 from conftest import CONF, ROOT, compose_config
 
-from kv_latent import records
+import torch
+
+from kv_latent import base_models, records
 from kv_latent.config import ConfigError
-from kv_latent.pipeline import make_job, run_job
+from kv_latent.pipeline import make_job, make_student, run_job, student_rope
 from kv_latent.training.fit import CheckpointError
 
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir()
@@ -98,9 +100,30 @@ def test_job_writes_a_complete_record(finished):
     assert on_disk["command"] == "python src/run.py model=tiny_gqa kv.k_dim=32"
     for key in ("code", "versions", "wall_time_s", "created"):
         assert on_disk[key]
+    assert on_disk["rope_as_run"] == "freq_aware" and "_freq_aware_" in on_disk["name"]
+    assert on_disk["config"]["data"]["recall_fraction"] == 0.3  # the model's own mix (model.recall_fraction)
+    for prefix in ("", "original/"):
+        hits = on_disk["items"][f"{prefix}eval/kvl_mmlu/acc"]
+        assert len(hits) == 4 and sum(hits) / 4 == metrics[f"{prefix}eval/kvl_mmlu/acc"]  # eval.limit=4
+        assert metrics[f"{prefix}eval/kvl_mmlu/chance"] == 0.25
+        assert len(on_disk["items"][f"{prefix}needle/mean"]) == 3  # 3 depths x 1 trial
     assert (run_dir / "metrics.csv").exists()
     assert (Path(on_disk["model_dir"]) / "config.json").exists()
     assert not (run_dir / "checkpoints").exists() and not (run_dir / records.HOLDER_FILE).exists()
+
+
+@pytest.mark.parametrize("overrides,label", [
+    (["kv.v_dim=32", "rope=freq_aware"], "standard"),  # full-width keys: the schedule does not apply
+    (["kv.v_dim=32", "rope=freq_aware", "rope.at_full_dim=true"], "freq_aware"),
+    (["kv.k_dim=32", "rope=freq_aware"], "freq_aware"),
+    (["kv.k_dim=32", "kv.qk_init=qk_energy", "kv.calib_tokens=256", "kv.calib_seq_len=32"], "original"),
+])
+def test_a_run_is_named_by_the_rope_its_student_runs(overrides, label, tmp_path, cache_dir):
+    cfg, container = config(tmp_path, cache_dir, *overrides)
+    job = make_job(cfg, container)
+    assert job.name.startswith(f"tiny_mha/k{cfg.kv.k_dim}") and f"_{label}_keep_" in job.name
+    original, tokenizer = base_models.load_base_model(cfg.model, cache_dir=cache_dir, device=torch.device("cpu"))
+    assert student_rope(make_student(job, original, tokenizer)) == label
 
 
 def test_a_head_compressed_job_without_retraining_saves_a_stock_llama(tmp_path, cache_dir):

@@ -43,6 +43,7 @@ Accelerator = _choices("Accelerator", ["cpu", "gpu", "cuda", "mps", "auto"])
 Precision = _choices("Precision", ["auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"])
 LoggerName = _choices("LoggerName", ["wandb", "none"])
 WandbMode = _choices("WandbMode", ["offline", "online", "disabled"])
+Clock = _choices("Clock", ["auto", "wall", "cpu"])
 
 TEACHER_STAGES = frozenset({"intra", "kd"})
 CALIBRATED_INITS = frozenset({"qk_energy", "pca"})  # inits that need kv_latent.calibration statistics
@@ -85,6 +86,10 @@ class ModelConfig:
     path: Optional[str] = None  # HF directory or hub id (source=hf); asset name (source=embedded)
     pretrain_tokens: Optional[int] = None  # known pre-training tokens, for budgets as a fraction
     dtype: DType = DType.float32
+    # The share of synthetic recall documents (kv_latent.data.recall) in retraining data that keeps
+    # what the model learnt from them in its own pre-training: the default data group
+    # (conf/data/prose.yaml) reads it. 0 for a model pre-trained without them.
+    recall_fraction: float = 0.0
     # Further LlamaConfig arguments (hidden_size, vocab_size, ...), used only to build the model
     # from scratch (``python src/pretrain.py recipe=scratch``).
     arch: Optional[dict[str, Any]] = None
@@ -92,6 +97,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _positive("model", self, "head_dim", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
                   "max_position_embeddings", "pretrain_tokens")
+        if not 0 <= self.recall_fraction < 1:
+            raise ConfigError(f"model.recall_fraction={self.recall_fraction} must be in [0, 1)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"model.num_key_value_heads={self.num_key_value_heads} must divide "
@@ -415,13 +422,18 @@ class NeedleConfig:
 @dataclass
 class EfficiencyConfig:
     """``eval.efficiency``: batch 1, a ``prompt_len``-token prompt of held-out text, ``new_tokens``
-    greedy tokens; TTFT and ms/token are medians over ``repeats`` runs after ``warmup``."""
+    greedy tokens; the student and its original alternate over ``repeats`` rounds after ``warmup``
+    runs each, and a latency ratio is the median of the rounds' ratios
+    (:func:`kv_latent.evaluation.efficiency.compare_efficiency`). ``clock``: ``wall`` time, or the
+    ``cpu`` time of the measuring thread (stable on a shared machine); ``auto`` takes wall time on
+    CUDA and CPU time on a CPU."""
 
     enabled: bool = True
     prompt_len: int = 896  # ~90 % of a 1024-token context
     new_tokens: int = 16
-    repeats: int = 3
+    repeats: int = 5
     warmup: int = 1
+    clock: Clock = Clock.auto
 
     def __post_init__(self) -> None:
         if not self.enabled:

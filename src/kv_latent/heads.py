@@ -278,6 +278,7 @@ def compress_heads(original: PreTrainedModel, *, mode: str, kv_heads: int, stats
     with no_init_weights(), torch.device(param.device):
         model = model_class(new_config).to(param.dtype)
     model.config._attn_implementation = config._attn_implementation
+    model.tie_weights()  # no_init_weights skips the tying of a tie_word_embeddings model
     model.load_state_dict(state, strict=True)
     model.generation_config = original.generation_config
     return model.eval() if not original.training else model

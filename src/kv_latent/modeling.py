@@ -37,7 +37,7 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
-from .rope import inv_freq as schedule_inv_freq
+from .rope import inv_freq as schedule_inv_freq, rope_as_run
 
 
 @strict
@@ -96,9 +96,8 @@ class KVLatentConfig(LlamaConfig):
 
     def layer_rope_schedule(self, layer_idx: int) -> str:
         """The RoPE schedule in force for one layer (unless it has its own ``rope_inv_freq``)."""
-        if self.k_dim[layer_idx] == self.head_dim and not self.rope_at_full_dim:
-            return "standard"
-        return self.rope_schedule
+        return rope_as_run(self.rope_schedule, k_dim=self.k_dim[layer_idx], head_dim=self.head_dim,
+                           at_full_dim=self.rope_at_full_dim)
 
     def layer_inv_freq(self, layer_idx: int) -> list[list[float]] | None:
         """One layer's own frequencies per KV head, or None where its schedule applies."""

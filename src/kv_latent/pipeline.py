@@ -25,6 +25,7 @@ from kv_latent import base_models, records
 from kv_latent.calibration import CalibrationStats, calibrate
 from kv_latent.config import AblationConfig, recipe_name
 from kv_latent.heads import compress_heads
+from kv_latent.rope import rope_as_run
 from kv_latent.rules import check_ablation, dims_kept
 from kv_latent.data.blocks import load_blocks
 from kv_latent.evaluation.baselines import cached_baseline
@@ -114,6 +115,27 @@ def make_student(job: Job, original, tokenizer):
                          stats=calibration_stats(job, model, tokenizer, settings=cfg.kv, name=name))
 
 
+def student_rope(student) -> str:
+    """The RoPE the student's layers run (:func:`kv_latent.rope.rope_as_run`), read from its config;
+    ``ValueError`` if its layers run different ones (surgery reduces every layer alike)."""
+    config = student.config
+    if not hasattr(config, "layer_rope_schedule"):  # a stock Llama
+        return "standard"
+    ran = {rope_as_run(config.rope_schedule, k_dim=config.k_dim[i], head_dim=config.head_dim,
+                       at_full_dim=config.rope_at_full_dim, own_frequencies=config.layer_inv_freq(i) is not None)
+           for i in range(config.num_hidden_layers)}
+    if len(ran) != 1:
+        raise ValueError(f"the student's layers run different RoPE: {sorted(ran)}")
+    return ran.pop()
+
+
+def check_rope_label(student, label: str) -> None:
+    """Raise ``RuntimeError`` if the run name's RoPE (``label``) is not what the student runs."""
+    ran = student_rope(student)
+    if ran != label:
+        raise RuntimeError(f"the run is labelled RoPE {label!r} but its student runs {ran!r}")
+
+
 def run_job(
     cfg: AblationConfig, config: dict[str, Any], *, group: str | None = None, overrides: list[str] = ()
 ) -> dict[str, Any]:
@@ -138,6 +160,7 @@ def _run(job: Job, *, group: str | None, overrides: list[str]) -> dict[str, Any]
     cfg = job.cfg
     original, tokenizer = base_models.load_base_model(cfg.model, cache_dir=job.cache_dir, device=_device(cfg))
     student = make_student(job, original, tokenizer)
+    check_rope_label(student, records.rope_label(job.config))
     val_blocks = load_blocks(cfg.data, "val", tokenizer=tokenizer)
 
     base = original_perplexity(job, original, val_blocks)
@@ -167,9 +190,10 @@ def _run(job: Job, *, group: str | None, overrides: list[str]) -> dict[str, Any]
             student.to(_device(cfg))
             after = perplexity(student, val_blocks, batch_size=cfg.train.batch_size)
         metrics.update({"val/loss": after["loss"], "val/ppl": after["ppl"]})
-        metrics.update(evaluate_job(student, original, tokenizer, cfg.eval, cache_dir=job.cache_dir,
-                                    baseline_cache_dir=job.output_root / "baselines"))
-        record = _write_outputs(job, student, original, tokenizer, metrics, started=started, code=code,
+        evaluated, items = evaluate_job(student, original, tokenizer, cfg.eval, cache_dir=job.cache_dir,
+                                        baseline_cache_dir=job.output_root / "baselines")
+        metrics.update(evaluated)
+        record = _write_outputs(job, student, original, tokenizer, metrics, items, started=started, code=code,
                                 overrides=overrides)
         loggers.finish(metrics)  # the dashboard shows the record's final numbers too
     finally:
@@ -186,9 +210,10 @@ def _tags(cfg: AblationConfig) -> list[str]:
 
 
 def _write_outputs(
-    job: Job, student, original, tokenizer, metrics, *, started: float, code: dict[str, Any], overrides
+    job: Job, student, original, tokenizer, metrics, items, *, started: float, code: dict[str, Any], overrides
 ) -> dict[str, Any]:
-    """Save the trained student (HF format) and write the job's record; return the record."""
+    """Save the trained student (HF format) and write the job's record, with the per-item results
+    behind its accuracies and needle (``items``) and the RoPE its layers ran; return the record."""
     model_dir = job.run_dir / "student"
     student.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -203,6 +228,8 @@ def _write_outputs(
         config=job.config,
         metrics=metrics,
         code=code,
+        rope_as_run=records.rope_label(job.config),
+        items=items,
         kv=kv,
         tokens_trained=tokens,
         pretrain_fraction=tokens / pretrain_tokens if pretrain_tokens else None,

@@ -27,6 +27,7 @@ from filelock import FileLock, Timeout
 
 from kv_latent.config import recipe_name
 from kv_latent.files import atomic_write_json
+from kv_latent.rope import rope_as_run
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +57,28 @@ def run_name(config: dict[str, Any]) -> str:
     """A stable, readable directory name from the job's values plus its config hash.
 
     A dim initialised otherwise than by the paper's stride names its init: ``k32-qk_energy_v32-pca``
-    (``k32_v32`` for strided ones, and for records from before the inits were choices); compressed
-    heads name their count, ``rope_pca-kv2``; a job without retraining is ``surgery``.
+    (``k32_v32`` for strided ones, and for records from before the inits were choices); the RoPE is
+    the one that runs (:func:`rope_label`); compressed heads name their count, ``rope_pca-kv2``; a
+    job without retraining is ``surgery``.
     """
-    kv, rope, gqa, train = config["kv"], config["rope"], config["gqa"], config["train"]
+    kv, gqa, train = config["kv"], config["gqa"], config["train"]
 
     def dim(prefix: str, key: str, init_key: str) -> str:
         init = kv.get(init_key, "strided")
         return f"{prefix}{kv[key]}" + ("" if init == "strided" else f"-{init}")
 
     return (
-        f"{config['model']['name']}/{dim('k', 'k_dim', 'qk_init')}_{dim('v', 'v_dim', 'vo_init')}_{rope['schedule']}"
+        f"{config['model']['name']}/{dim('k', 'k_dim', 'qk_init')}_{dim('v', 'v_dim', 'vo_init')}_{rope_label(config)}"
         f"_{gqa_name(gqa)}_{recipe_name(train['stages'])}-{config_hash(config)}"
     )
+
+
+def rope_label(config: dict[str, Any]) -> str:
+    """The RoPE a job's student runs (:func:`kv_latent.rope.rope_as_run`), from its resolved config:
+    a (64, 32) job asking ``rope=freq_aware`` without ``rope.at_full_dim`` runs ``standard``."""
+    kv, rope = config["kv"], config["rope"]
+    return rope_as_run(rope["schedule"], k_dim=kv["k_dim"], head_dim=config["model"]["head_dim"],
+                       at_full_dim=rope.get("at_full_dim", False), own_frequencies=kv.get("qk_init") == "qk_energy")
 
 
 def gqa_name(gqa: dict[str, Any]) -> str:

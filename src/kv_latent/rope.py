@@ -54,6 +54,17 @@ def pair_inv_freq(pairs: torch.Tensor, *, head_dim: int, theta: float) -> torch.
     return theta ** (-(2 * pairs.double()) / head_dim)
 
 
+def rope_as_run(schedule: str, *, k_dim: int, head_dim: int, at_full_dim: bool = False,
+                own_frequencies: bool = False) -> str:
+    """The RoPE a layer of key dim ``k_dim`` runs when ``schedule`` is asked: a schedule applies to
+    reduced keys only, unless ``at_full_dim`` (so a full-width layer under ``freq_aware`` runs
+    ``standard``); ``original`` where the kept pairs keep their own original frequencies
+    (``own_frequencies``: the ``qk_energy`` init) at a reduced dim."""
+    if k_dim == head_dim and not at_full_dim:
+        return "standard"
+    return "original" if own_frequencies else schedule
+
+
 def inv_freq(schedule: str, *, dim: int, theta: float) -> torch.Tensor:
     """``inv_freq`` of ``schedule`` for key dim ``dim`` and base ``theta``."""
     if schedule not in ROPE_SCHEDULES:

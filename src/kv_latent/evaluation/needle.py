@@ -77,12 +77,14 @@ def needle_grid(
     batch_size: int,
     seed: int,
     prefix: str = "needle",
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Success rate per (context length, depth) cell of the needle grid, for one model.
 
-    ``texts`` are held-out documents (the haystack). Returns ``<prefix>/ctx<L>/depth<P>`` (the
-    rate of the cell; ``P`` is the depth in percent), ``<prefix>/ctx<L>/mean`` per row and
-    ``<prefix>/mean`` over all cells.
+    ``texts`` are held-out documents (the haystack). Returns the rates, ``<prefix>/ctx<L>/depth<P>``
+    (the rate of the cell; ``P`` is the depth in percent), ``<prefix>/ctx<L>/mean`` per row and
+    ``<prefix>/mean`` over all cells; and the trials behind the means, ``<prefix>/ctx<L>/mean`` and
+    ``<prefix>/mean`` (1.0 for a hit, 0.0 for a miss, depth by depth), for intervals over trials.
+    Every cell has ``trials`` trials, so a mean of trials equals the mean of its cells.
     """
     was_training = model.training
     model.eval()
@@ -90,6 +92,7 @@ def needle_grid(
     stream = haystack_tokens(texts, tokenizer)
     starts = _sentence_starts(tokenizer)
     rates: dict[str, float] = {}
+    items: dict[str, list[float]] = {f"{prefix}/mean": []}
     progress = tqdm(total=len(context_lengths) * len(depths) * trials, desc=prefix, unit="trial")
     try:
         for length in context_lengths:
@@ -114,9 +117,11 @@ def needle_grid(
                 rates[f"{prefix}/ctx{length}/depth{depth * 100:g}"] = rate
                 row.append(rate)
             rates[f"{prefix}/ctx{length}/mean"] = sum(row) / len(row)
+            items[f"{prefix}/ctx{length}/mean"] = [float(hit) for hit in hits]
+            items[f"{prefix}/mean"] += items[f"{prefix}/ctx{length}/mean"]
     finally:
         progress.close()
         model.train(was_training)
     cells = [v for k, v in rates.items() if not k.endswith("/mean")]
     rates[f"{prefix}/mean"] = sum(cells) / len(cells)
-    return rates
+    return rates, items

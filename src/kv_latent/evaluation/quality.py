@@ -86,7 +86,7 @@ def base_model_quality(model, tokenizer, *, cache_dir: str | os.PathLike | None,
     copy = copy_probe(model, val[:QUALITY_SLICE_BLOCKS], seed=seed)
     unigram = unigram_loss(train, val, len(tokenizer))
     texts = [d.text for d in load_documents("test", cache_dir)]
-    needle = model_metrics(model, tokenizer, EvalConfig(tasks=[], needle=QUALITY_NEEDLE, seed=seed),
+    needle, _ = model_metrics(model, tokenizer, EvalConfig(tasks=[], needle=QUALITY_NEEDLE, seed=seed),
                            include_path=None, texts=texts)
     return {
         "quality": {
