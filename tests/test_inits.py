@@ -257,7 +257,7 @@ def test_a_job_calibrates_only_when_an_init_needs_it(tmp_path, cache_dir):
     original, tokenizer = base_models.load_base_model(job.cfg.model, cache_dir=job.cache_dir)
     stats = calibration_stats(job, original, tokenizer, settings=job.cfg.kv, name="tiny_mha")
     assert stats.tokens == 256 and len(list((tmp_path / "calibration").glob("tiny_mha-*.safetensors"))) == 1
-    assert job.run_dir.parent.name == "tiny_mha" and job.run_dir.name.startswith("k32-qk_energy_v64_standard_keep_")
+    assert job.run_dir.parent.name == "tiny_mha" and job.run_dir.name.startswith("k32-qk_energy_v64_original_keep_")
 
 
 def test_run_names_show_the_inits_but_keep_the_strided_ones():
