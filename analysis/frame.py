@@ -182,8 +182,10 @@ def _shown(path: Path) -> str:
 
 def wandb_record(run: Any) -> dict[str, Any]:
     """A record-shaped dict from a W&B run: ``run.config`` is the resolved config, ``run.summary``
-    the metrics (``kv/<field>`` summary keys stand for the record's ``kv`` field)."""
-    config = dict(run.config)
+    the metrics (``kv/<field>`` summary keys stand for the record's ``kv`` field). The flat dashboard
+    fields a job adds to its run's config (:func:`kv_latent.tracking.run_fields`) are left out: the
+    nested config holds them all."""
+    config = {k: v for k, v in run.config.items() if "." not in k and k != "config_hash"}
     summary = {k: run.summary[k] for k in run.summary.keys() if not k.startswith("_")}
     kv = {k.split("/", 1)[1]: summary.pop(k) for k in list(summary) if k.startswith("kv/")}
     git = (getattr(run, "metadata", None) or {}).get("git") or {}

@@ -207,6 +207,7 @@ def test_wandb_logging_runs_offline(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wandb.teardown()  # the settings an earlier run in this process fixed (its WANDB_DIR) go with it
     import matplotlib.pyplot as plt
 
     from analysis.tables import rope_table

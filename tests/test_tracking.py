@@ -14,6 +14,13 @@ from wandb.proto import wandb_internal_pb2
 from kv_latent.config import LoggerConfig
 from kv_latent.tracking import job_loggers
 
+ROOT = Path(__file__).resolve().parents[1]
+# A committed record of the design-card study: a job's resolved config, and the run fields it gives.
+RECORD = ROOT / "analysis/results/design_card/runs/tiny_mha/k64_v64_freq_aware_keep_intra+ntp-eb045df6d9/record.json"
+FIELDS = {"kv.k_dim": 64, "kv.v_dim": 64, "kv.qk_init": "strided", "kv.vo_init": "strided",
+          "rope.schedule": "standard", "rope.schedule_asked": "freq_aware", "rope.at_full_dim": False,
+          "gqa.mode": "keep", "gqa.kv_heads": 4, "train.seed": 0, "train.recipe": "intra+ntp",
+          "model.name": "tiny_mha", "eval.name": "quick", "config_hash": "eb045df6d9"}
 BLOCK = 32 * 1024
 HEADER = 7  # ":W&B" + magic + version
 
@@ -47,20 +54,30 @@ def offline_run_file(run_dir: Path) -> Path:
     return path
 
 
+def job_config() -> dict:
+    return json.loads(RECORD.read_text())["config"]
+
+
 def test_an_offline_run_carries_group_tags_config_and_summary(tmp_path):
-    loggers = job_loggers(LoggerConfig(), tmp_path, name="tiny_mha/k32_v64", group="sweep_x",
-                          config={"kv": {"k_dim": 32, "v_dim": 64}}, tags=["k_dim=32", "rope=standard"])
+    config = job_config()
+    loggers = job_loggers(LoggerConfig(), tmp_path, name="tiny_mha/k64_v64", group="sweep_x",
+                          config=config, tags=["k_dim=64", "rope=standard"])
+    assert {k: loggers.run.config[k] for k in FIELDS} == FIELDS  # in-process
     loggers.lightning[1].log_metrics({"train/loss": 3.5}, step=1)
-    loggers.finish({"val/ppl": 37.5, "kv/ratio": 0.75, "note": "not a number"})
+    final = {"val/ppl": 37.5, "needle/mean": 0.5, "efficiency/kv_bytes_ratio": 1.0, "kv/ratio": 0.75,
+             "note": "not a number"}
+    loggers.finish(final)
+    assert {k: loggers.run.summary[k] for k in final if k != "note"} == {k: v for k, v in final.items() if k != "note"}
     loggers.close()
     records = read_wandb_file(offline_run_file(tmp_path))
     (run,) = [r.run for r in records if r.HasField("run")]
-    assert run.run_group == "sweep_x" and list(run.tags) == ["k_dim=32", "rope=standard"]
-    assert run.display_name == "tiny_mha/k32_v64"
-    config = {item.key: json.loads(item.value_json) for item in run.config.update}
-    assert config["kv"] == {"k_dim": 32, "v_dim": 64}
+    assert run.run_group == "sweep_x" and list(run.tags) == ["k_dim=64", "rope=standard"]
+    assert run.display_name == "tiny_mha/k64_v64"
+    written = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert written["kv"] == config["kv"]  # the nested resolved config, as a record holds it
+    assert {k: written[k] for k in FIELDS} == FIELDS  # and the flat dashboard fields beside it
     summary = {item.key: item.value_json for r in records if r.HasField("summary") for item in r.summary.update}
-    assert float(summary["val/ppl"]) == 37.5 and "note" not in summary
+    assert float(summary["val/ppl"]) == 37.5 and float(summary["needle/mean"]) == 0.5 and "note" not in summary
     assert "val/ppl" in (tmp_path / "metrics.csv").read_text().splitlines()[0]
 
 
@@ -70,7 +87,7 @@ def test_online_without_a_server_falls_back_to_offline_in_time(tmp_path, monkeyp
     monkeypatch.delenv("WANDB_MODE", raising=False)
     started = time.perf_counter()
     loggers = job_loggers(LoggerConfig(mode="online", init_timeout=3), tmp_path, name="n", group=None,
-                          config={}, tags=[])
+                          config=job_config(), tags=[])
     took = time.perf_counter() - started
     assert loggers.offline_fallback and loggers.run.settings.mode == "offline"
     loggers.close()
@@ -82,7 +99,7 @@ def test_closing_an_offline_run_says_how_to_sync_it_in_one_line(tmp_path, caplog
     (tmp_path / ".lock").write_text("a run dir is never empty")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loggers = job_loggers(LoggerConfig(), tmp_path, name="n", group=None, config={}, tags=[])
+        loggers = job_loggers(LoggerConfig(), tmp_path, name="n", group=None, config=job_config(), tags=[])
     assert not [w for w in caught if "exists and is not empty" in str(w.message)]
     loggers.lightning[1].log_metrics({"train/loss": 3.5}, step=1)
     loggers.finish({"val/ppl": 37.5})

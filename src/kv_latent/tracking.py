@@ -4,6 +4,10 @@ The W&B run is offline by default and never hangs a sweep: ``logger.mode=online`
 ``logger.init_timeout`` seconds to reach its server, then logs offline with a warning that says
 how to sync the run later. W&B runs quiet (no history and summary dump at the end of each job);
 closing a run logs one line with its page, or for an offline run its directory and how to sync it.
+
+A run's config is the job's resolved config plus flat dashboard fields (:func:`run_fields`:
+``kv.k_dim``, ``rope.schedule`` as run, ``train.recipe``, ...) that a W&B workspace or report groups
+and filters by (``analysis/dashboard.py``); its summary ends with the record's final metrics.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kv_latent.config import LoggerConfig, LoggerName, WandbMode
+from kv_latent.config import LoggerConfig, LoggerName, WandbMode, recipe_name
 from kv_latent.files import atomic_write_text
+from kv_latent.records import config_hash, rope_label
 
 log = logging.getLogger(__name__)
 METRICS_CSV = "metrics.csv"
@@ -66,10 +71,31 @@ class JobLoggers:
             log.info("W&B run: %s", where)
 
 
+def run_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The flat, named W&B config fields a dashboard slices a job's runs by, from its resolved config.
+
+    ``rope.schedule`` is the RoPE the student runs (:func:`kv_latent.records.rope_label`), the one the
+    tables show; the schedule asked for is ``rope.schedule_asked``. ``gqa.kv_heads`` is the KV heads
+    the student has (the model's own when heads are kept). Flat dotted keys sit beside the nested
+    config in W&B (``config.kv.k_dim.value`` versus ``config.kv.value.k_dim``), so neither hides the other.
+    """
+    model, kv, rope, gqa, train = (config[s] for s in ("model", "kv", "rope", "gqa", "train"))
+    return {
+        "kv.k_dim": kv["k_dim"], "kv.v_dim": kv["v_dim"],
+        "kv.qk_init": kv.get("qk_init", "strided"), "kv.vo_init": kv.get("vo_init", "strided"),
+        "rope.schedule": rope_label(config), "rope.schedule_asked": rope["schedule"],
+        "rope.at_full_dim": rope.get("at_full_dim", False),
+        "gqa.mode": gqa["mode"], "gqa.kv_heads": gqa.get("kv_heads") or model["num_key_value_heads"],
+        "train.seed": train["seed"], "train.recipe": recipe_name(train["stages"]),
+        "model.name": model["name"], "eval.name": config["eval"]["name"], "config_hash": config_hash(config),
+    }
+
+
 def job_loggers(
     cfg: LoggerConfig, run_dir: Path, *, name: str, group: str | None, config: dict[str, Any], tags: list[str]
 ) -> JobLoggers:
-    """A CSV logger into ``run_dir`` and, with ``logger.name=wandb``, a W&B run there too."""
+    """A CSV logger into ``run_dir`` and, with ``logger.name=wandb``, a W&B run there too, whose config
+    is the job's resolved ``config`` plus its :func:`run_fields`."""
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     # Lightning's CSV logger deletes an existing metrics.csv: a resumed job keeps its rows aside and
@@ -87,7 +113,8 @@ def job_loggers(
         csv.experiment  # made now, under that filter, rather than at the first logged metric
     if cfg.name == LoggerName.none or cfg.mode == WandbMode.disabled:
         return JobLoggers([csv], earlier_csv=kept)
-    run, fallback = wandb_run(cfg, run_dir, name=name, group=group, config=config, tags=tags)
+    run, fallback = wandb_run(cfg, run_dir, name=name, group=group, config={**config, **run_fields(config)},
+                              tags=tags)
     return JobLoggers([csv, WandbLogger(experiment=run)], run, fallback, kept)
 
 
